@@ -1,0 +1,209 @@
+"""The artifact store: the only module that knows the run-folder layout and how files are written.
+
+Layout: ``<data_root>/runs/as_of=YYYY-MM-DD/<stage>/<name>.<ext>`` with ``_manifest.json`` written last.
+Every write goes to a hidden temporary file in the same folder and is renamed into place, so a reader never
+sees a half-written artifact. Stages exchange :class:`ArtifactRef` objects (path, rows, schema fingerprint,
+content hash), never DataFrames: Prefect results stay tiny and cache keys are exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+import crm_analytics
+
+MANIFEST_NAME = "_manifest.json"
+STAGES = ("raw", "validated", "quarantine", "clean", "features", "segments", "churn", "rules", "report")
+
+
+class ArtifactRef(BaseModel):
+    """A pointer to one written artifact; what tasks pass to each other."""
+
+    stage: str
+    name: str
+    path: str
+    kind: str  # "parquet", "json", "model", "png", "markdown"
+    rows: int | None = None
+    schema_fingerprint: str | None = None
+    content_hash: str
+    bytes: int
+
+    @property
+    def file(self) -> Path:
+        return Path(self.path)
+
+
+class StageResult(BaseModel):
+    """What a stage task returns: its artifacts and the counts a person or the manifest needs."""
+
+    stage: str
+    artifacts: dict[str, ArtifactRef]
+    metrics: dict[str, Any] = {}
+
+    def ref(self, name: str) -> ArtifactRef:
+        try:
+            return self.artifacts[name]
+        except KeyError:
+            raise KeyError(f"stage {self.stage!r} has no artifact {name!r}; it has {sorted(self.artifacts)}") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def schema_fingerprint(schema: pa.Schema) -> str:
+    """A short hash of column names and types (not metadata), to spot schema drift between runs."""
+    text = ";".join(f"{field.name}:{field.type}" for field in schema)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` only if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def code_version() -> str:
+    """The package version plus the git commit when running from a checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return f"{crm_analytics.__version__}+{commit}"
+
+
+class RunStore:
+    """Reads and writes the artifacts of one run (one as-of date)."""
+
+    def __init__(self, data_root: Path, as_of: date):
+        self.data_root = Path(data_root)
+        self.as_of = as_of
+        self.run_dir = self.data_root / "runs" / f"as_of={as_of.isoformat()}"
+
+    # ---- layout -------------------------------------------------------------------------------------
+    def path(self, stage: str, filename: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+        return self.run_dir / stage / filename
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.run_dir / MANIFEST_NAME
+
+    def is_complete(self) -> bool:
+        return self.manifest_path.exists()
+
+    def begin(self) -> None:
+        """Mark the run as in progress: a rerun first withdraws the old manifest, so the folder reads as
+        incomplete until the new manifest lands."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.manifest_path.unlink(missing_ok=True)
+
+    # ---- writes -------------------------------------------------------------------------------------
+    def _ref(self, stage: str, name: str, path: Path, kind: str, **extra: Any) -> ArtifactRef:
+        return ArtifactRef(
+            stage=stage,
+            name=name,
+            path=str(path),
+            kind=kind,
+            content_hash=file_sha256(path),
+            bytes=path.stat().st_size,
+            **extra,
+        )
+
+    def write_frame(self, stage: str, name: str, frame: pd.DataFrame) -> ArtifactRef:
+        target = self.path(stage, f"{name}.parquet")
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        with atomic_path(target) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        return self._ref(
+            stage, name, target, "parquet", rows=table.num_rows, schema_fingerprint=schema_fingerprint(table.schema)
+        )
+
+    def write_json(self, stage: str, name: str, payload: Any) -> ArtifactRef:
+        target = self.path(stage, f"{name}.json")
+        with atomic_path(target) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
+        return self._ref(stage, name, target, "json")
+
+    def write_text(self, stage: str, filename: str, text: str, kind: str = "markdown") -> ArtifactRef:
+        target = self.path(stage, filename)
+        with atomic_path(target) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+        return self._ref(stage, Path(filename).stem, target, kind)
+
+    def write_with(self, stage: str, filename: str, kind: str, writer: Callable[[Path], None]) -> ArtifactRef:
+        """Write an artifact with a caller's writer (a model serializer, a figure's savefig) atomically."""
+        target = self.path(stage, filename)
+        with atomic_path(target) as tmp:
+            writer(tmp)
+        return self._ref(stage, Path(filename).stem, target, kind)
+
+    def write_manifest(self, payload: dict[str, Any]) -> Path:
+        with atomic_path(self.manifest_path) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
+        return self.manifest_path
+
+    # ---- reads --------------------------------------------------------------------------------------
+    @staticmethod
+    def read_frame(ref: ArtifactRef, columns: list[str] | None = None) -> pd.DataFrame:
+        if ref.kind != "parquet":
+            raise ValueError(f"artifact {ref.stage}/{ref.name} is {ref.kind}, not a table")
+        return pq.read_table(ref.file, columns=columns).to_pandas()
+
+    @staticmethod
+    def read_json(ref: ArtifactRef) -> Any:
+        return json.loads(ref.file.read_text())
+
+    def read_manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text())
+
+    def relative(self, ref: ArtifactRef) -> str:
+        return str(Path(ref.path).relative_to(self.run_dir))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date | pd.Timestamp):
+        return value.isoformat()
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

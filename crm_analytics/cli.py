@@ -1,0 +1,133 @@
+"""The ``crm-analytics`` command: generate sample data, run the pipeline for a date, show a run's summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from crm_analytics.settings import configure_prefect_defaults, get_settings
+
+app = typer.Typer(help="Customer-analytics pipeline on Prefect.", no_args_is_help=True, add_completion=False)
+
+DataRoot = Annotated[Path | None, typer.Option(help="Data root (default: CRM_DATA_ROOT or ./data).")]
+
+
+def _data_root(data_root: Path | None) -> Path:
+    return (data_root or get_settings().data_root).resolve()
+
+
+@app.command()
+def generate(
+    customers: Annotated[int, typer.Option(min=100, max=5_000_000, help="Number of customers.")] = 5_000,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same export.")] = 42,
+    end_date: Annotated[str, typer.Option(help="Last day of the export (YYYY-MM-DD).")] = "2025-12-31",
+    dirty_rate: Annotated[float, typer.Option(min=0.0, max=0.5, help="Fraction of dirty rows.")] = 0.005,
+    data_root: DataRoot = None,
+) -> None:
+    """Write a realistic sample CRM export into <data root>/landing (and its ground truth into truth/)."""
+    from crm_analytics.sample_data import GeneratorConfig
+    from crm_analytics.sample_data import generate as generate_export
+
+    root = _data_root(data_root)
+    cfg = GeneratorConfig(customers=customers, seed=seed, end_date=date.fromisoformat(end_date),
+                          dirty_rate=dirty_rate)
+    started = time.perf_counter()
+    counts = generate_export(cfg, root)
+    typer.echo(f"sample export written to {root / 'landing'} in {time.perf_counter() - started:.1f}s: "
+               + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+def _run(as_of: date, mapping: str, root: Path) -> Path:
+    configure_prefect_defaults()
+    from crm_analytics.parameters import PipelineOptions
+    from flows.customer_analytics import customer_analytics
+    from tasks.common import PermanentError
+
+    try:
+        run_dir = customer_analytics(as_of=as_of, options=PipelineOptions(mapping=mapping, data_root=str(root)))
+    except PermanentError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    return Path(run_dir)
+
+
+@app.command()
+def run(
+    as_of: Annotated[str, typer.Option(help="As-of date YYYY-MM-DD (default: yesterday, UTC).")] = "",
+    mapping: Annotated[str, typer.Option(help="Source mapping: shipped name or YAML path.")] = "sample",
+    data_root: DataRoot = None,
+) -> None:
+    """Run the whole pipeline for one as-of date."""
+    from flows.customer_analytics import default_as_of
+
+    day = date.fromisoformat(as_of) if as_of else default_as_of()
+    run_dir = _run(day, mapping, _data_root(data_root))
+    _print_summary(run_dir)
+
+
+@app.command()
+def demo(
+    customers: Annotated[int, typer.Option(min=100, help="Customers in the generated sample.")] = 5_000,
+    data_root: DataRoot = None,
+) -> None:
+    """Generate the sample export (if absent) and run the pipeline on its last day."""
+    root = _data_root(data_root)
+    truth = root / "truth" / "generator.json"
+    if not truth.exists() or json.loads(truth.read_text())["config"]["customers"] != customers:
+        generate(customers=customers, data_root=root)
+    end_date = date.fromisoformat(json.loads(truth.read_text())["config"]["end_date"])
+    started = time.perf_counter()
+    run_dir = _run(end_date, "sample", root)
+    typer.echo(f"pipeline finished in {time.perf_counter() - started:.0f}s")
+    _print_summary(run_dir)
+
+
+@app.command()
+def summary(
+    as_of: Annotated[str, typer.Option(help="As-of date (default: the latest complete run).")] = "",
+    data_root: DataRoot = None,
+) -> None:
+    """Print the summary of a complete run."""
+    runs = _data_root(data_root) / "runs"
+    if as_of:
+        run_dir = runs / f"as_of={as_of}"
+    else:
+        complete = sorted(p.parent for p in runs.glob("as_of=*/_manifest.json"))
+        if not complete:
+            typer.secho(f"no complete run under {runs}", fg="red", err=True)
+            raise typer.Exit(1)
+        run_dir = complete[-1]
+    if not (run_dir / "_manifest.json").exists():
+        typer.secho(f"{run_dir} has no manifest: the run is missing or incomplete", fg="red", err=True)
+        raise typer.Exit(1)
+    _print_summary(run_dir)
+
+
+def _print_summary(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    stages = manifest["stages"]
+    typer.echo(f"\nRun folder: {run_dir}")
+    typer.echo(f"Report:     {run_dir / 'report' / 'report.md'}")
+    for entity, counts in manifest["reconciliation"].items():
+        typer.echo(f"  {entity:12s} in={counts['rows_in']:>9,} valid={counts['valid']:>9,} "
+                   f"quarantined={counts['quarantined']:>7,}")
+    seg = stages["segment"]
+    typer.echo(f"  segments (k={seg['k']}): " + ", ".join(f"{n}={c}" for n, c in seg["sizes"].items()))
+    ch = stages["churn"]
+    typer.echo(f"  churn: {ch['chosen_model']} held-out ROC AUC {ch['validation_roc_auc']:.3f}, "
+               f"{ch['scored_customers']:,} customers scored")
+    typer.echo(f"  rules: {stages['rules']['rules']} rules over {stages['rules']['baskets']:,} baskets")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m crm_analytics.cli`
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

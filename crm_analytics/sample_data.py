@@ -1,0 +1,418 @@
+"""A deterministic generator of realistic CRM exports, with the ground truth needed to evaluate the pipeline.
+
+What it plants, so each stage has something real to find:
+- customer behaviour types (segments) with different order rates, basket sizes, price levels, return rates;
+- purchases as an inhomogeneous Poisson process with weekly cycles and a Christmas peak (seasonality);
+- a latent "death" time per customer with a hazard that depends on the type: customers stop buying, and
+  because the generator knows each customer's rate and hazard, it can compute the exact probability that a
+  customer makes no purchase in a horizon after a cutoff given what was observable (``true_churn_probability``);
+- Zipf-skewed product popularity, price-sensitive choice, and bundles bought together (association rules);
+- returns (negative quantities on ``R``-prefixed orders a few days later);
+- a configurable fraction of dirty rows of every kind the validation stage must catch.
+
+The export lands as ``customers.csv``, ``products.csv`` and one ``order_lines/YYYY-MM-DD.csv`` per day.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from crm_analytics.artifacts import atomic_path
+
+DAY = np.timedelta64(1, "D")
+WEEKLY_FACTORS = np.array([0.95, 1.0, 1.0, 1.0, 1.05, 1.15, 0.85])  # Monday .. Sunday
+CATEGORIES = (
+    ("home", 12.0), ("kitchen", 9.0), ("garden", 15.0), ("toys", 8.0), ("stationery", 3.0),
+    ("gifts", 6.0), ("jewellery", 25.0), ("fashion", 20.0), ("beauty", 11.0), ("electronics", 45.0),
+    ("books", 10.0), ("seasonal", 5.0),
+)
+COUNTRIES = (("United Kingdom", 0.6), ("Germany", 0.1), ("France", 0.1), ("Netherlands", 0.07),
+             ("Spain", 0.05), ("Ireland", 0.04), ("Belgium", 0.04))
+CHANNELS = (("web", 0.55), ("app", 0.3), ("store", 0.15))
+
+
+@dataclass(frozen=True)
+class CustomerType:
+    """A planted behaviour type. Rates are per year; the hazard is the yearly probability of stopping."""
+
+    name: str
+    share: float
+    orders_per_year: float
+    mean_lines_per_order: float
+    price_exponent: float  # >0 prefers expensive products, <0 cheap ones
+    yearly_churn_hazard: float
+    return_rate: float
+
+
+CUSTOMER_TYPES: tuple[CustomerType, ...] = (
+    CustomerType("vip", 0.08, 14.0, 3.5, 0.6, 0.15, 0.03),
+    CustomerType("regular", 0.27, 4.0, 2.5, 0.0, 0.45, 0.05),
+    CustomerType("bargain_hunter", 0.25, 6.0, 1.6, -1.2, 0.70, 0.15),
+    CustomerType("occasional", 0.40, 1.2, 1.4, 0.0, 1.20, 0.04),
+)
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    customers: int = 5_000
+    end_date: date = date(2025, 12, 31)
+    history_days: int = 730
+    seed: int = 42
+    dirty_rate: float = 0.005  # fraction of order lines (and customers) that are made dirty
+    bundle_share: float = 0.35  # fraction of orders that contain a bundle
+
+    @property
+    def products(self) -> int:
+        return int(np.clip(self.customers // 25, 150, 2000))
+
+    @property
+    def bundles(self) -> int:
+        return 20 + self.products // 200
+
+    @property
+    def start_date(self) -> date:
+        return self.end_date - timedelta(days=self.history_days - 1)
+
+
+def seasonal_factor(days: np.ndarray) -> np.ndarray:
+    """Demand multiplier for each day (datetime64[D]): weekly cycle x Christmas peak x summer dip."""
+    days = days.astype("datetime64[D]")
+    weekday = (days.astype(np.int64) + 3) % 7  # 1970-01-01 was a Thursday
+    day_of_year = (days - days.astype("datetime64[Y]")).astype(np.int64)
+    christmas = 0.8 * np.exp(-0.5 * ((day_of_year - 338) / 16.0) ** 2)
+    summer = -0.15 * np.exp(-0.5 * ((day_of_year - 215) / 30.0) ** 2)
+    return WEEKLY_FACTORS[weekday] * (1.0 + christmas + summer)
+
+
+def _choice(rng: np.random.Generator, options: tuple[tuple[str, float], ...], size: int) -> np.ndarray:
+    names = np.array([name for name, _ in options])
+    weights = np.array([w for _, w in options])
+    return names[rng.choice(len(names), size=size, p=weights / weights.sum())]
+
+
+def _make_products(cfg: GeneratorConfig, rng: np.random.Generator) -> pd.DataFrame:
+    n = cfg.products
+    category_idx = rng.integers(0, len(CATEGORIES), n)
+    base_price = np.array([price for _, price in CATEGORIES])[category_idx]
+    price = np.round(base_price * rng.lognormal(0.0, 0.45, n), 2).clip(0.29)
+    popularity = 1.0 / np.arange(1, n + 1) ** 1.05
+    rng.shuffle(popularity)
+    adjectives = np.array(["Classic", "Vintage", "Modern", "Rustic", "Deluxe", "Mini", "Large", "Retro"])
+    nouns = np.array(["Mug", "Lantern", "Tote", "Candle", "Frame", "Set", "Box", "Card", "Clock", "Bowl"])
+    names = [f"{adjectives[i % 8]} {CATEGORIES[c][0].title()} {nouns[(i // 8) % 10]} {i}"
+             for i, c in enumerate(category_idx)]
+    return pd.DataFrame({
+        "product_id": [f"P{i:05d}" for i in range(n)],
+        "category": np.array([name for name, _ in CATEGORIES])[category_idx],
+        "name": names,
+        "list_price": price,
+        "_popularity": popularity / popularity.sum(),
+    })
+
+
+def _make_bundles(cfg: GeneratorConfig, products: pd.DataFrame, rng: np.random.Generator) -> list[np.ndarray]:
+    """Groups of 2-3 products of one category that are bought together."""
+    bundles = []
+    by_category = {cat: np.flatnonzero(products["category"].to_numpy() == cat) for cat, _ in CATEGORIES}
+    categories = [cat for cat, idx in by_category.items() if len(idx) >= 3]
+    used: set[int] = set()
+    while len(bundles) < cfg.bundles:
+        members = by_category[categories[rng.integers(len(categories))]]
+        size = 2 if rng.random() < 0.6 else 3
+        pick = rng.choice(members, size=size, replace=False)
+        if used.isdisjoint(pick.tolist()):
+            used.update(pick.tolist())
+            bundles.append(np.sort(pick))
+    return bundles
+
+
+def _make_customers(cfg: GeneratorConfig, rng: np.random.Generator) -> pd.DataFrame:
+    n = cfg.customers
+    shares = np.array([t.share for t in CUSTOMER_TYPES])
+    type_idx = rng.choice(len(CUSTOMER_TYPES), size=n, p=shares / shares.sum())
+    start = np.datetime64(cfg.start_date)
+    end = np.datetime64(cfg.end_date)
+    # 35% were customers before the export window opens; the rest sign up during it, at a growing rate.
+    existing = rng.random(n) < 0.35
+    before = start - rng.integers(1, 1100, n) * DAY
+    during = start + (np.sqrt(rng.random(n)) * cfg.history_days).astype(np.int64) * DAY
+    signup_day = np.where(existing, before, during).clip(max=end)
+    signup_ts = signup_day.astype("datetime64[s]") + rng.integers(0, 86_400, n).astype("timedelta64[s]")
+
+    ctype = [CUSTOMER_TYPES[i] for i in range(len(CUSTOMER_TYPES))]
+    yearly_orders = np.array([t.orders_per_year for t in ctype])[type_idx] * rng.lognormal(-0.06, 0.35, n)
+    yearly_hazard = np.array([t.yearly_churn_hazard for t in ctype])[type_idx] * rng.lognormal(-0.05, 0.3, n)
+    order_rate = yearly_orders / 365.0
+    hazard = yearly_hazard / 365.0
+    churn_ts = signup_ts + (rng.exponential(1.0 / hazard) * 86_400).astype("timedelta64[s]")
+    ids = np.array([f"C{i:07d}" for i in range(1, n + 1)])
+    return pd.DataFrame({
+        "customer_id": ids,
+        "signup_ts": signup_ts,
+        "country": _choice(rng, COUNTRIES, n),
+        "gender": rng.choice(np.array(["F", "M", "U"]), size=n, p=[0.52, 0.44, 0.04]),
+        "birth_year": rng.integers(1945, 2006, n),
+        "email": [f"{cid.lower()}@example.com" for cid in ids],
+        "channel": _choice(rng, CHANNELS, n),
+        "customer_type": np.array([t.name for t in ctype])[type_idx],
+        "_type_idx": type_idx,
+        "order_rate_per_day": order_rate,
+        "churn_hazard_per_day": hazard,
+        "churn_ts": churn_ts,
+    })
+
+
+def _make_orders(cfg: GeneratorConfig, customers: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    """Order headers by thinning: candidate times at the peak rate, kept with probability s(t)/max s."""
+    start = np.datetime64(cfg.start_date, "s")
+    end_excl = np.datetime64(cfg.end_date + timedelta(days=1), "s")
+    active_from = np.maximum(customers["signup_ts"].to_numpy("datetime64[s]"), start)
+    active_to = np.minimum(customers["churn_ts"].to_numpy("datetime64[s]"), end_excl)
+    span_days = np.clip((active_to - active_from) / np.timedelta64(1, "D"), 0.0, None)
+    peak = float(seasonal_factor(np.arange(start, end_excl, DAY)).max())
+    n_candidates = rng.poisson(customers["order_rate_per_day"].to_numpy() * peak * span_days)
+    owner = np.repeat(np.arange(len(customers)), n_candidates)
+    offset = rng.random(owner.size) * span_days[owner]
+    ts = active_from[owner] + (offset * 86_400).astype("timedelta64[s]")
+    keep = rng.random(owner.size) < seasonal_factor(ts.astype("datetime64[D]")) / peak
+    owner, ts = owner[keep], ts[keep]
+    # Time of day: most orders around lunch and in the evening.
+    hour = np.where(rng.random(ts.size) < 0.45, rng.normal(12.5, 2.0, ts.size), rng.normal(20.0, 2.0, ts.size))
+    seconds = (np.clip(hour, 0, 23.99) * 3600).astype(np.int64)
+    ts = ts.astype("datetime64[D]").astype("datetime64[s]") + seconds.astype("timedelta64[s]")
+    order = np.argsort(ts, kind="stable")
+    return pd.DataFrame({"owner": owner[order], "order_ts": ts[order]})
+
+
+def _make_lines(cfg: GeneratorConfig, customers: pd.DataFrame, orders: pd.DataFrame, products: pd.DataFrame,
+                bundles: list[np.ndarray], rng: np.random.Generator) -> pd.DataFrame:
+    type_idx = customers["_type_idx"].to_numpy()[orders["owner"].to_numpy()]
+    mean_lines = np.array([t.mean_lines_per_order for t in CUSTOMER_TYPES])[type_idx]
+    n_random = 1 + rng.poisson(mean_lines - 1.0)
+    order_idx = np.repeat(np.arange(len(orders)), n_random)
+    line_type = type_idx[order_idx]
+    product_idx = np.empty(order_idx.size, dtype=np.int64)
+    price = products["list_price"].to_numpy()
+    popularity = products["_popularity"].to_numpy()
+    for t, ctype in enumerate(CUSTOMER_TYPES):
+        weights = popularity * price ** ctype.price_exponent
+        mask = line_type == t
+        product_idx[mask] = rng.choice(len(products), size=int(mask.sum()), p=weights / weights.sum())
+    # Bundles: a share of orders also contain all members of one bundle (each kept with prob 0.9).
+    has_bundle = np.flatnonzero(rng.random(len(orders)) < cfg.bundle_share)
+    chosen = rng.integers(0, len(bundles), has_bundle.size)
+    bundle_sizes = np.array([len(b) for b in bundles])[chosen]
+    bundle_orders = np.repeat(has_bundle, bundle_sizes)
+    bundle_products = np.concatenate([bundles[b] for b in chosen]) if chosen.size else np.array([], np.int64)
+    kept = rng.random(bundle_orders.size) < 0.9
+    order_idx = np.concatenate([order_idx, bundle_orders[kept]])
+    product_idx = np.concatenate([product_idx, bundle_products[kept]])
+    lines = pd.DataFrame({"order_idx": order_idx, "product_idx": product_idx})
+    lines = lines.drop_duplicates().sort_values(["order_idx", "product_idx"], kind="stable", ignore_index=True)
+    n = len(lines)
+    discount = np.where(rng.random(n) < 0.15, 0.9, 1.0)
+    owner = orders["owner"].to_numpy()[lines["order_idx"].to_numpy()]
+    return pd.DataFrame({
+        "order_id": np.char.add("O", np.char.zfill(lines["order_idx"].to_numpy().astype(str), 9)),
+        "customer_idx": owner,
+        "order_ts": orders["order_ts"].to_numpy()[lines["order_idx"].to_numpy()],
+        "product_idx": lines["product_idx"].to_numpy(),
+        "quantity": rng.geometric(0.55, n).astype(np.int64),
+        "unit_price": np.round(price[lines["product_idx"].to_numpy()] * discount, 2),
+    })
+
+
+def _make_returns(cfg: GeneratorConfig, customers: pd.DataFrame, lines: pd.DataFrame,
+                  rng: np.random.Generator) -> pd.DataFrame:
+    """A returned line: same product and price, negative quantity, on an ``R`` order 1-30 days later."""
+    type_idx = customers["_type_idx"].to_numpy()[lines["customer_idx"].to_numpy()]
+    rate = np.array([t.return_rate for t in CUSTOMER_TYPES])[type_idx]
+    returned = lines[rng.random(len(lines)) < rate].copy()
+    returned["order_ts"] = returned["order_ts"] + pd.to_timedelta(rng.integers(1, 31, len(returned)), unit="D")
+    returned = returned[returned["order_ts"] < pd.Timestamp(cfg.end_date + timedelta(days=1))]
+    returned["order_id"] = "R" + returned["order_id"].str[1:]
+    returned["quantity"] = -np.minimum(returned["quantity"].to_numpy(), rng.integers(1, 4, len(returned)))
+    return returned
+
+
+def _as_text(frame: pd.DataFrame, timestamp_columns: tuple[str, ...]) -> pa.Table:
+    """Render every column as text, the way a CSV export carries it (so dirty values can be injected)."""
+    arrays = {}
+    for column in frame.columns:
+        values = pa.array(frame[column].to_numpy("datetime64[s]") if column in timestamp_columns else frame[column])
+        if column in timestamp_columns:
+            arrays[column] = pc.strftime(values, format="%Y-%m-%d %H:%M:%S")
+        else:
+            arrays[column] = pc.cast(values, pa.string())
+    return pa.table(arrays)
+
+
+def _dirty_lines(cfg: GeneratorConfig, lines: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    """Corrupt a fraction of order lines; returns the text frame with a ``_dirty`` label per row."""
+    n = len(lines)
+    text = lines.astype({"quantity": "string", "unit_price": "string"})
+    text["order_ts"] = pd.Series(pc.strftime(pa.array(lines["order_ts"].to_numpy("datetime64[s]")),
+                                             format="%Y-%m-%d %H:%M:%S").to_pandas(), index=lines.index)
+    text["_dirty"] = ""
+    n_dirty = int(round(n * cfg.dirty_rate))
+    if n_dirty == 0:
+        return text
+    kinds = ["null_customer", "null_price", "bad_quantity", "bad_timestamp", "negative_price", "future_timestamp",
+             "unknown_customer"]
+    victims = rng.choice(n, size=min(n_dirty, n), replace=False)
+    kind_of = np.array(kinds)[rng.integers(0, len(kinds), victims.size)]
+    idx = text.index[victims]
+    for kind in kinds:
+        rows = idx[kind_of == kind]
+        if kind == "null_customer":
+            text.loc[rows, "customer_id"] = pd.NA
+        elif kind == "null_price":
+            text.loc[rows, "unit_price"] = pd.NA
+        elif kind == "bad_quantity":
+            text.loc[rows, "quantity"] = "two"
+        elif kind == "bad_timestamp":
+            text.loc[rows, "order_ts"] = "31/02/2025 25:61"
+        elif kind == "negative_price":
+            text.loc[rows, "unit_price"] = "-" + text.loc[rows, "unit_price"].astype(str)
+        elif kind == "future_timestamp":
+            future = pd.Timestamp(cfg.end_date) + pd.Timedelta(days=400)
+            text.loc[rows, "order_ts"] = future.strftime("%Y-%m-%d %H:%M:%S")
+        elif kind == "unknown_customer":
+            text.loc[rows, "customer_id"] = "C9" + pd.Series(rng.integers(0, 999_999, rows.size), index=rows).astype(
+                str).str.zfill(6)
+        text.loc[rows, "_dirty"] = kind
+    # Exact duplicates: a second copy of some clean rows, as exports that re-send a batch produce.
+    dupes = text.loc[text.index[rng.choice(n, size=max(1, n_dirty // 4), replace=False)]]
+    dupes = dupes[dupes["_dirty"] == ""].assign(_dirty="duplicate")
+    return pd.concat([text, dupes]).sort_index(kind="stable")
+
+
+def generate(cfg: GeneratorConfig, data_root: Path, overwrite: bool = True) -> dict[str, int]:
+    """Write a sample CRM export into ``data_root/landing`` and the ground truth into ``data_root/truth``."""
+    rng = np.random.default_rng(cfg.seed)
+    products = _make_products(cfg, rng)
+    bundles = _make_bundles(cfg, products, rng)
+    customers = _make_customers(cfg, rng)
+    orders = _make_orders(cfg, customers, rng)
+    lines = _make_lines(cfg, customers, orders, products, bundles, rng)
+    lines = pd.concat([lines, _make_returns(cfg, customers, lines, rng)], ignore_index=True)
+    lines = lines.sort_values(["order_ts", "order_id", "product_idx"], kind="stable", ignore_index=True)
+    lines["customer_id"] = customers["customer_id"].to_numpy()[lines["customer_idx"].to_numpy()]
+    lines["product_id"] = products["product_id"].to_numpy()[lines["product_idx"].to_numpy()]
+    lines = lines[["order_id", "customer_id", "order_ts", "product_id", "quantity", "unit_price"]]
+    file_day = lines["order_ts"].dt.strftime("%Y-%m-%d").to_numpy()
+    dirty = _dirty_lines(cfg, lines, rng)
+    dirty_day = file_day[dirty.index.to_numpy()] if len(dirty) else file_day
+
+    landing = data_root / "landing"
+    truth_dir = data_root / "truth"
+    if overwrite:
+        shutil.rmtree(landing, ignore_errors=True)
+        shutil.rmtree(truth_dir, ignore_errors=True)
+    (landing / "order_lines").mkdir(parents=True, exist_ok=True)
+    truth_dir.mkdir(parents=True, exist_ok=True)
+
+    out_lines = dirty.drop(columns="_dirty").reset_index(drop=True)
+    out_lines["_day"] = dirty_day
+    for day, part in out_lines.groupby("_day", sort=True):
+        _write_csv(pa.Table.from_pandas(part.drop(columns="_day"), preserve_index=False),
+                   landing / "order_lines" / f"{day}.csv")
+
+    customer_rows = customers[["customer_id", "signup_ts", "country", "gender", "birth_year", "email", "channel"]]
+    customer_rows = customer_rows.rename(columns={"signup_ts": "signup_date"})
+    customer_text = _as_text(customer_rows, ("signup_date",)).to_pandas()
+    n_bad_customers = int(round(len(customer_text) * cfg.dirty_rate))
+    if n_bad_customers:
+        bad = rng.choice(len(customer_text), size=n_bad_customers, replace=False)
+        customer_text.loc[bad[: n_bad_customers // 2], "signup_date"] = "not a date"
+        dupes = customer_text.iloc[bad[n_bad_customers // 2:]]
+        customer_text = pd.concat([customer_text, dupes]).sort_index(kind="stable")
+    _write_csv(pa.Table.from_pandas(customer_text, preserve_index=False), landing / "customers.csv")
+    _write_csv(pa.Table.from_pandas(products.drop(columns="_popularity"), preserve_index=False),
+               landing / "products.csv")
+
+    truth = customers[["customer_id", "customer_type", "signup_ts", "order_rate_per_day", "churn_hazard_per_day",
+                       "churn_ts"]]
+    _write_parquet(truth, truth_dir / "customers.parquet")
+    _write_parquet(pd.DataFrame({"bundle": np.repeat(np.arange(len(bundles)), [len(b) for b in bundles]),
+                                 "product_id": products["product_id"].to_numpy()[np.concatenate(bundles)]}),
+                   truth_dir / "bundles.parquet")
+    _write_parquet(dirty.loc[dirty["_dirty"] != "", ["_dirty"]].rename(columns={"_dirty": "kind"}),
+                   truth_dir / "dirty_order_lines.parquet")
+    counts = {
+        "customers": len(customer_text),
+        "products": len(products),
+        "order_lines": len(out_lines),
+        "dirty_order_lines": int((dirty["_dirty"] != "").sum()),
+        "order_line_files": int(pd.Series(dirty_day).nunique()),
+    }
+    config = {k: (v.isoformat() if isinstance(v, date) else v) for k, v in asdict(cfg).items()}
+    with atomic_path(truth_dir / "generator.json") as tmp:
+        tmp.write_text(json.dumps({"config": config, "counts": counts}, indent=2))
+    return counts
+
+
+def _write_csv(table: pa.Table, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        pacsv.write_csv(table, tmp, pacsv.WriteOptions(quoting_style="needed"))
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+
+
+def true_churn_probability(truth: pd.DataFrame, last_purchase: pd.Series, cutoff: pd.Timestamp,
+                           horizon_days: int) -> pd.Series:
+    """P(no purchase in (cutoff, cutoff + h]) given the last purchase before the cutoff and the customer's
+    true order rate and stopping hazard (Pareto/NBD with known parameters and seasonal intensity).
+
+    ``last_purchase`` is indexed by customer_id (timestamps before ``cutoff``). This is the Bayes-optimal
+    score given the history: the ceiling a churn model can approach, used to judge its held-out AUC.
+    """
+    t = truth.set_index("customer_id").loc[last_purchase.index]
+    lam = t["order_rate_per_day"].to_numpy()[:, None]
+    mu = t["churn_hazard_per_day"].to_numpy()[:, None]
+    cutoff = _naive_utc(pd.Timestamp(cutoff))
+    last = pd.to_datetime(last_purchase)
+    last = last.dt.tz_convert("UTC").dt.tz_localize(None) if last.dt.tz is not None else last
+    origin = np.datetime64(last.min().floor("D"), "D")
+    grid = np.arange(origin, np.datetime64(cutoff, "D") + (horizon_days + 2) * DAY, DAY)
+    cum = np.concatenate([[0.0], np.cumsum(seasonal_factor(grid))])  # integral of s(t) from origin to day k
+
+    def integral(days: np.ndarray) -> np.ndarray:
+        return np.interp(days, np.arange(len(cum)), cum)
+
+    def days_since_origin(ts: np.ndarray) -> np.ndarray:
+        return (ts.astype("datetime64[s]") - origin.astype("datetime64[s]")) / np.timedelta64(1, "D")
+
+    c = float(days_since_origin(np.datetime64(cutoff)))
+    l_ = days_since_origin(last.to_numpy())[:, None]
+    steps = np.linspace(0.0, 1.0, 200)[None, :]
+    # Since the last purchase: stayed alive and silent until the cutoff, or stopped silently at some tau.
+    tau = l_ + (c - l_) * steps
+    alive = np.exp(-mu * (c - l_) - lam * (integral(c) - integral(l_)))
+    died = np.trapezoid(mu * np.exp(-mu * (tau - l_) - lam * (integral(tau) - integral(l_))), tau, axis=1)[:, None]
+    p_alive = alive / (alive + died)
+    # After the cutoff: silent for the whole horizon, alive or stopping part-way.
+    tau_h = c + horizon_days * steps
+    silent_alive = np.exp(-mu * horizon_days - lam * (integral(c + horizon_days) - integral(c)))
+    silent_stop = np.trapezoid(mu * np.exp(-mu * (tau_h - c) - lam * (integral(tau_h) - integral(c))), tau_h,
+                               axis=1)[:, None]
+    probability = (1.0 - p_alive) + p_alive * (silent_alive + silent_stop)
+    return pd.Series(probability[:, 0], index=last_purchase.index, name="true_churn_probability")
+
+
+def _naive_utc(ts: pd.Timestamp) -> pd.Timestamp:
+    return ts.tz_convert("UTC").tz_localize(None) if ts.tzinfo else ts

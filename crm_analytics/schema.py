@@ -1,0 +1,50 @@
+"""The canonical data contract: the entities a source mapping must produce, and their column types."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+EntityName = Literal["customers", "order_lines", "products"]
+ColumnType = Literal["string", "int", "float", "timestamp", "bool"]
+
+# Columns the rest of the pipeline relies on, in canonical order, with their type.
+CANONICAL_COLUMNS: dict[str, dict[str, ColumnType]] = {
+    "customers": {
+        "customer_id": "string",
+        "signup_date": "timestamp",
+        "country": "string",
+        "gender": "string",
+        "birth_year": "int",
+        "email": "string",
+        "channel": "string",
+    },
+    "order_lines": {
+        "order_id": "string",
+        "customer_id": "string",
+        "order_ts": "timestamp",
+        "product_id": "string",
+        "quantity": "int",
+        "unit_price": "float",
+    },
+    "products": {
+        "product_id": "string",
+        "category": "string",
+        "name": "string",
+        "list_price": "float",
+    },
+}
+
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "customers": ("customer_id", "signup_date"),
+    "order_lines": ("order_id", "customer_id", "order_ts", "product_id", "quantity", "unit_price"),
+    "products": ("product_id", "category"),
+}
+
+ENTITIES: tuple[str, ...] = ("customers", "products", "order_lines")
+
+# Lineage columns every ingested row carries, so a quarantined row can be traced to its file and line.
+SOURCE_FILE = "_source_file"
+SOURCE_LINE = "_source_line"
+PARSE_ERRORS = "_parse_errors"
+LINEAGE_COLUMNS = (SOURCE_FILE, SOURCE_LINE)
+QUARANTINE_REASON = "_quarantine_reason"

@@ -1,0 +1,1 @@
+"""Prefect flows: wiring only. Stage logic lives in ``tasks/``."""

@@ -1,0 +1,92 @@
+"""The nightly/manual flow: ingest -> validate -> clean -> features -> segment -> churn -> rules -> report.
+
+Only wiring here: each step is a task from ``tasks/`` that reads and writes artifacts and passes references.
+The run folder is complete when ``_manifest.json`` exists; it is written last.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from crm_analytics.artifacts import RunStore, StageResult, code_version, utc_now
+from crm_analytics.parameters import PipelineOptions, RunSpec
+from crm_analytics.settings import get_settings
+from tasks.churn import churn
+from tasks.clean import clean
+from tasks.features import features
+from tasks.ingest import ingest
+from tasks.report import report
+from tasks.rules import rules
+from tasks.segment import segment
+from tasks.validate import validate
+
+
+def default_as_of(scheduled: datetime | None = None) -> date:
+    """The day before the run's scheduled start (UTC), so a late or retried nightly run keeps its date."""
+    scheduled = scheduled or flow_run.get_scheduled_start_time() or datetime.now(UTC)
+    return (scheduled.astimezone(UTC) - timedelta(days=1)).date()
+
+
+def _run_name() -> str:
+    as_of = flow_run.get_parameters().get("as_of") or default_as_of()
+    return f"customer-analytics-{as_of}"
+
+
+def build_manifest(store: RunStore, options: PipelineOptions, started_at: str,
+                   results: list[StageResult]) -> dict[str, Any]:
+    validated = next(r for r in results if r.stage == "validate")
+    return {
+        "as_of": store.as_of.isoformat(),
+        "started_at": started_at,
+        "finished_at": utc_now(),
+        "code_version": code_version(),
+        "parameters": options.model_dump(mode="json"),
+        "inputs": next(r for r in results if r.stage == "ingest").metrics,
+        "reconciliation": {
+            entity: {k: m[k] for k in ("rows_in", "valid", "quarantined")}
+            for entity, m in validated.metrics["entities"].items()
+        },
+        "stages": {r.stage: r.metrics for r in results},
+        "artifacts": {
+            f"{ref.stage}/{name}": {
+                "path": store.relative(ref), "kind": ref.kind, "rows": ref.rows,
+                "schema_fingerprint": ref.schema_fingerprint, "content_hash": ref.content_hash, "bytes": ref.bytes,
+            }
+            for r in results for name, ref in r.artifacts.items()
+        },
+    }
+
+
+@flow(name="customer-analytics", flow_run_name=_run_name, log_prints=True)
+def customer_analytics(as_of: date | None = None, options: PipelineOptions = PipelineOptions()) -> str:
+    """Run every stage for one as-of date and return the run folder.
+
+    Args:
+        as_of: the business date to process; empty means the day before the scheduled start.
+        options: mapping, data root, seed and per-stage settings.
+    """
+    as_of = as_of or default_as_of()
+    data_root = Path(options.data_root) if options.data_root else get_settings().data_root
+    run = RunSpec(data_root=data_root, as_of=as_of)
+    store = run.store
+    store.begin()
+    started_at = utc_now()
+
+    ingested = ingest(run, options.mapping)
+    validated = validate(run, ingested, options.validation)
+    cleaned = clean(run, validated)
+    featured = features(run, cleaned)
+    segmented = segment(run, featured, options.segments, options.seed)
+    churned = churn(run, cleaned, options.churn, options.seed)
+    mined = rules(run, cleaned, options.rules)
+    reported = report(run, validated, cleaned, segmented, churned, mined)
+
+    results = [ingested, validated, cleaned, featured, segmented, churned, mined, reported]
+    manifest = store.write_manifest(build_manifest(store, options, started_at, results))
+    print(f"run complete: {store.run_dir} (manifest {manifest.name})")
+    return str(store.run_dir)

@@ -1,0 +1,161 @@
+"""Validate: run the Great Expectations suite of each entity and split its rows into valid and quarantined.
+
+The suites in ``expectations/`` are the single source of truth for what a valid row is. Every ingested row
+ends up in exactly one of ``validated/<entity>.parquet`` or ``quarantine/<entity>.parquet`` (with the
+reasons it failed and its source file and line), so ``rows in = valid + quarantined`` always holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pandas as pd
+from prefect import task
+
+from crm_analytics.artifacts import StageResult
+from crm_analytics.parameters import RunSpec, ValidationOptions
+from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON
+from crm_analytics.settings import get_settings
+from tasks.common import DataQualityError, PermanentError, stage_logger
+
+UNIQUENESS_EXPECTATIONS = {"expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique"}
+
+
+class SuiteError(PermanentError):
+    """An expectation could not be evaluated (a misspelt column, a missing parameter)."""
+
+
+class ValidationOutcome(NamedTuple):
+    valid: pd.DataFrame
+    quarantine: pd.DataFrame
+    reason_counts: dict[str, int]
+
+
+# ---- pure core ------------------------------------------------------------------------------------------
+def load_suite(entity: str, expectations_dir: Path | None = None) -> dict[str, Any]:
+    path = (expectations_dir or get_settings().expectations_dir) / f"{entity}.json"
+    if not path.exists():
+        raise SuiteError(f"no expectation suite for {entity}: {path} does not exist")
+    return json.loads(path.read_text())
+
+
+def suite_parameters(as_of: date, **extra: Any) -> dict[str, Any]:
+    """Values for the ``$PARAMETER`` placeholders in the suites."""
+    as_of_end = pd.Timestamp(datetime.combine(as_of + timedelta(days=1), time()), tz="UTC")
+    return {"as_of_end": as_of_end, "as_of_year": as_of.year, **extra}
+
+
+def _reason(expectation_type: str, kwargs: dict[str, Any], meta: dict[str, Any] | None) -> str:
+    return (meta or {}).get("reason") or f"{expectation_type}({kwargs.get('column', '')})"
+
+
+def run_suite(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any]) -> dict[str, list]:
+    """Evaluate every expectation of ``suite`` on ``frame``; returns reason -> index labels of failing rows."""
+    import great_expectations as gx  # heavy import, only where it is used
+    from great_expectations.core import ExpectationSuite
+
+    for name in ("great_expectations", "great_expectations.data_context.types.base"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = {"globally": False, "metric_calculations": False}
+    gx_suite = context.suites.add(ExpectationSuite(**suite))
+    asset = context.data_sources.add_pandas("pipeline").add_dataframe_asset(suite["name"])
+    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
+    results = batch.validate(gx_suite, result_format={"result_format": "COMPLETE"},
+                             expectation_parameters=parameters)
+    failures: dict[str, list] = {}
+    for result in results.results:  # not in suite order: identify each by its own configuration
+        config = result.expectation_config
+        info = result.exception_info or {}
+        if info.get("raised_exception"):
+            raise SuiteError(f"suite {suite['name']!r}: {config.type} on {config.kwargs.get('column')!r} "
+                             f"could not run: {info.get('exception_message')}")
+        if not result.success:
+            reason = _reason(config.type, config.kwargs, config.meta)
+            failures.setdefault(reason, []).extend(result.result.get("unexpected_index_list") or [])
+    return failures
+
+
+def validate_entity(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any]) -> ValidationOutcome:
+    """Split ``frame`` into valid rows and quarantined rows (with ``_quarantine_reason``).
+
+    Uniqueness is judged on distinct rows: an exact duplicate is not a conflicting key (the clean stage
+    drops it and counts it); it gets the verdict of its first copy.
+    """
+    frame = frame.reset_index(drop=True)
+    data_columns = [c for c in frame.columns if not c.startswith("_")]
+    if any(e["type"] in UNIQUENESS_EXPECTATIONS for e in suite["expectations"]):
+        row_hash = pd.util.hash_pandas_object(frame[data_columns], index=False)
+        duplicate = row_hash.duplicated(keep="first")
+        first_label = pd.Series(row_hash.index[~duplicate], index=row_hash[~duplicate].to_numpy())
+        representative = row_hash.map(first_label).to_numpy()
+        checked = frame[~duplicate.to_numpy()]
+    else:
+        representative = frame.index.to_numpy()
+        checked = frame
+    failures = run_suite(checked, suite, parameters)
+    pairs = pd.DataFrame(
+        [(label, reason) for reason, labels in failures.items() for label in labels], columns=["label", "reason"]
+    )
+    reasons_by_label = pairs.groupby("label", sort=False)["reason"].agg("; ".join)
+    row_reasons = pd.Series(reasons_by_label.reindex(representative).to_numpy(), index=frame.index, dtype="string")
+    failed = row_reasons.notna().to_numpy()
+    quarantine = frame[failed].assign(**{QUARANTINE_REASON: row_reasons[failed]})
+    valid = frame[~failed].drop(columns=[PARSE_ERRORS], errors="ignore").reset_index(drop=True)
+    counts = Counter(reason for text in row_reasons[failed] for reason in text.split("; "))
+    return ValidationOutcome(valid, quarantine.reset_index(drop=True), dict(counts.most_common()))
+
+
+def check_quarantine_rate(entity: str, rows_in: int, quarantined: int, reason_counts: dict[str, int],
+                          max_rate: float) -> float:
+    """Raise :class:`DataQualityError` naming the entity, its rate and top reasons when over ``max_rate``."""
+    rate = quarantined / rows_in if rows_in else 0.0
+    if rate > max_rate:
+        top = ", ".join(f"{reason} ({count})" for reason, count in list(reason_counts.items())[:3])
+        raise DataQualityError(
+            f"data-quality gate: {entity} quarantined {quarantined} of {rows_in} rows ({rate:.1%} > "
+            f"{max_rate:.1%} allowed); top reasons: {top}. No model was retrained; see quarantine/{entity}.parquet"
+        )
+    return rate
+
+
+# ---- IO edge ------------------------------------------------------------------------------------------------
+@task(name="validate")
+def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions) -> StageResult:
+    """Validate customers and products first, then order lines against the valid customer and product ids."""
+    log = stage_logger()
+    store = run.store
+    artifacts, metrics, outcomes = {}, {}, {}
+    for entity in ENTITIES:  # customers, products, order_lines: referential checks need the first two
+        frame = store.read_frame(ingested.ref(entity))
+        extra = {}
+        if entity == "order_lines":
+            extra = {
+                "known_customer_ids": outcomes["customers"].valid["customer_id"].dropna().unique().tolist(),
+                "known_product_ids": outcomes["products"].valid["product_id"].dropna().unique().tolist(),
+            }
+        outcome = validate_entity(frame, load_suite(entity), suite_parameters(run.as_of, **extra))
+        outcomes[entity] = outcome
+        artifacts[entity] = store.write_frame("validated", entity, outcome.valid)
+        artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity, outcome.quarantine)
+        rows_in, quarantined = len(frame), len(outcome.quarantine)
+        if rows_in != len(outcome.valid) + quarantined:
+            raise AssertionError(f"{entity}: {rows_in} rows in but {len(outcome.valid)} valid + {quarantined} "
+                                 "quarantined")
+        metrics[entity] = {
+            "rows_in": rows_in,
+            "valid": len(outcome.valid),
+            "quarantined": quarantined,
+            "quarantine_rate": round(quarantined / rows_in, 6) if rows_in else 0.0,
+            "reasons": outcome.reason_counts,
+        }
+        log.info("validated %s: %d valid, %d quarantined", entity, len(outcome.valid), quarantined)
+    for entity in ENTITIES:
+        m = metrics[entity]
+        check_quarantine_rate(entity, m["rows_in"], m["quarantined"], m["reasons"], options.max_quarantine_rate)
+    return StageResult(stage="validate", artifacts=artifacts, metrics={"entities": metrics})

@@ -1,0 +1,39 @@
+"""Test session setup: an isolated Prefect home and data root, and shared generated data."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect: each test session gets its own Prefect home (its own SQLite database),
+# a startup timeout that fits a small machine, and no analytics calls on an offline machine.
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="crm-prefect-home-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
+
+import pytest  # noqa: E402
+
+from crm_analytics.sample_data import GeneratorConfig, generate  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ONLINE_RETAIL = REPO_ROOT.parent / "shared" / "datasets" / "online_retail"
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding a small generated export (2,000 customers, two years)."""
+    root = tmp_path_factory.mktemp("sample-data")
+    generate(GeneratorConfig(customers=2_000, seed=7), root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real temporary Prefect server (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,48 @@
+from datetime import date
+
+import pandas as pd
+import pytest
+
+from crm_analytics.artifacts import RunStore, atomic_path, file_sha256
+
+
+def test_write_frame_returns_a_reference_that_describes_the_file(tmp_path):
+    store = RunStore(tmp_path, date(2025, 1, 31))
+    ref = store.write_frame("clean", "customers", pd.DataFrame({"customer_id": ["a", "b", "c"], "x": [1, 2, 3]}))
+    assert ref.file == tmp_path / "runs" / "as_of=2025-01-31" / "clean" / "customers.parquet"
+    assert ref.rows == 3
+    assert ref.content_hash == file_sha256(ref.file)
+    assert ref.bytes == ref.file.stat().st_size
+    assert store.read_frame(ref)["x"].tolist() == [1, 2, 3]
+
+
+def test_schema_fingerprint_changes_with_column_types_but_not_values(tmp_path):
+    store = RunStore(tmp_path, date(2025, 1, 31))
+    a = store.write_frame("clean", "a", pd.DataFrame({"x": [1, 2]}))
+    b = store.write_frame("clean", "b", pd.DataFrame({"x": [5, 6]}))
+    c = store.write_frame("clean", "c", pd.DataFrame({"x": [1.0, 2.0]}))
+    assert a.schema_fingerprint == b.schema_fingerprint
+    assert a.schema_fingerprint != c.schema_fingerprint
+    assert a.content_hash != b.content_hash
+
+
+def test_a_failed_write_leaves_neither_the_target_nor_a_temporary_file(tmp_path):
+    target = tmp_path / "out" / "table.parquet"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half written")
+        raise RuntimeError("writer crashed")
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_a_rerun_withdraws_the_manifest_until_it_completes(tmp_path):
+    store = RunStore(tmp_path, date(2025, 1, 31))
+    store.write_manifest({"as_of": "2025-01-31"})
+    assert store.is_complete()
+    store.begin()
+    assert not store.is_complete()
+
+
+def test_unknown_stage_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage"):
+        RunStore(tmp_path, date(2025, 1, 31)).path("scratch", "x.parquet")

@@ -1,0 +1,85 @@
+from datetime import date
+
+import pandas as pd
+import pytest
+
+from crm_analytics.mapping import EntitySource, SourceMapping, load_mapping, select_files
+from tasks.common import SourceSchemaError
+from tasks.ingest import coerce_column, ingest_entity, parse_entity, read_source_text
+
+
+def _text(**columns):
+    frame = pd.DataFrame(columns, dtype="string")
+    frame["_source_file"] = "f.csv"
+    frame["_source_line"] = range(2, len(frame) + 2)
+    return frame
+
+
+def test_coerce_int_accepts_whole_numbers_and_nulls_the_rest():
+    out = coerce_column(pd.Series(["3", "3.0", " 7 ", "3.5", "two", None]), "int")
+    assert out.tolist()[:3] == [3, 3, 7]
+    assert out.isna().tolist() == [False, False, False, True, True, True]
+
+
+def test_coerce_timestamp_localises_naive_values_to_the_mapping_timezone():
+    out = coerce_column(pd.Series(["2025-01-01 10:00:00", "not a date"]), "timestamp", timezone="Europe/Berlin")
+    assert out.iloc[0] == pd.Timestamp("2025-01-01 09:00:00", tz="UTC")
+    assert pd.isna(out.iloc[1])
+
+
+def test_coerce_timestamp_with_explicit_format():
+    out = coerce_column(pd.Series(["12/1/2010 8:26"]), "timestamp", fmt="%m/%d/%Y %H:%M")
+    assert out.iloc[0] == pd.Timestamp("2010-12-01 08:26", tz="UTC")
+
+
+def test_parse_entity_records_each_unparseable_value_with_its_column():
+    mapping = load_mapping("sample")
+    text = _text(order_id=["o1", "o2"], customer_id=["c1", "c2"], order_ts=["2025-01-01 10:00:00", "31/02/2025"],
+                 product_id=["p1", "p2"], quantity=["2", "two"], unit_price=["1.5", "2.0"])
+    out = parse_entity(text, "order_lines", mapping)
+    assert pd.isna(out.loc[0, "_parse_errors"])
+    assert out.loc[1, "_parse_errors"] == "order_ts='31/02/2025'; quantity='two'"
+    assert out["_source_line"].tolist() == [2, 3]
+
+
+def test_parse_entity_renames_through_the_mapping():
+    mapping = SourceMapping(entities={
+        "customers": EntitySource(files="c.csv", columns={"customer_id": "CustomerID", "signup_date": "Joined"}),
+        "products": EntitySource(files="p.csv"), "order_lines": EntitySource(files="o.csv")})
+    out = parse_entity(_text(CustomerID=["17850"], Joined=["2011-01-05"]), "customers", mapping)
+    assert out.loc[0, "customer_id"] == "17850"
+    assert out.loc[0, "signup_date"] == pd.Timestamp("2011-01-05", tz="UTC")
+
+
+def test_missing_required_column_is_a_permanent_error_naming_the_column():
+    with pytest.raises(SourceSchemaError, match=r"lacks required column\(s\) 'signup_date'"):
+        parse_entity(_text(customer_id=["c1"]), "customers", load_mapping("sample"), "customers.csv")
+
+
+def test_read_csv_with_bom_semicolons_latin1_and_crlf(tmp_path):
+    path = tmp_path / "export.csv"
+    path.write_bytes("\ufeffid;name\r\n1;Caf\u00e9\r\n2;\"a;b\"\r\n".encode("utf-8"))
+    source = EntitySource(files="export.csv", csv={"delimiter": ";"})
+    frame = read_source_text(path, source)
+    assert list(frame.columns[:2]) == ["id", "name"]
+    assert frame["name"].tolist() == ["Caf\u00e9", "a;b"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("id,name\n1,Caf\u00e9\n".encode("latin-1"))
+    frame = read_source_text(latin, EntitySource(files="latin.csv", csv={"encoding": "latin-1"}))
+    assert frame["name"].tolist() == ["Caf\u00e9"]
+
+
+def test_daily_files_after_the_as_of_date_are_not_read(tmp_path):
+    for day in ("2025-01-01", "2025-01-02", "2025-01-03"):
+        (tmp_path / f"{day}.csv").write_text("x\n1\n")
+    source = EntitySource(files="*.csv", daily=True)
+    assert [p.name for p in select_files(tmp_path, source, date(2025, 1, 2))] == ["2025-01-01.csv",
+                                                                                   "2025-01-02.csv"]
+
+
+def test_ingest_of_the_generated_export_keeps_every_row(sample_root):
+    mapping = load_mapping("sample")
+    frame = ingest_entity("order_lines", mapping, sample_root, date(2025, 12, 31))
+    on_disk = sum(len(pd.read_csv(p, dtype=str)) for p in (sample_root / "landing" / "order_lines").glob("*.csv"))
+    assert len(frame) == on_disk
+    assert frame["_source_file"].str.startswith("order_lines/").all()
