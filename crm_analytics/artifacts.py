@@ -53,6 +53,11 @@ class StageResult(BaseModel):
     stage: str
     artifacts: dict[str, ArtifactRef]
     metrics: dict[str, Any] = {}
+    report_section: str = ""  # Markdown: what a person should read about this stage tonight
+
+    @property
+    def figures(self) -> list[ArtifactRef]:
+        return [ref for ref in self.artifacts.values() if ref.kind == "png"]
 
     def ref(self, name: str) -> ArtifactRef:
         try:
@@ -123,6 +128,21 @@ class RunStore:
 
     def is_complete(self) -> bool:
         return self.manifest_path.exists()
+
+    def previous_complete(self) -> RunStore | None:
+        """The latest complete run (one with a manifest) dated before this one, if any.
+
+        Stages that carry state from night to night (segment identities, the churn champion) read it.
+        """
+        earlier = []
+        for manifest in (self.data_root / "runs").glob(f"as_of=*/{MANIFEST_NAME}"):
+            try:
+                run_date = date.fromisoformat(manifest.parent.name.removeprefix("as_of="))
+            except ValueError:
+                continue
+            if run_date < self.as_of:
+                earlier.append(run_date)
+        return RunStore(self.data_root, max(earlier)) if earlier else None
 
     def begin(self) -> None:
         """Mark the run as in progress: a rerun first withdraws the old manifest, so the folder reads as

@@ -84,9 +84,9 @@ def customer_analytics(as_of: date | None = None, options: PipelineOptions = Pip
     segmented = segment(run, featured, options.segments, options.seed)
     churned = churn(run, cleaned, options.churn, options.seed)
     mined = rules(run, cleaned, options.rules)
-    reported = report(run, validated, cleaned, segmented, churned, mined)
+    results = [ingested, validated, cleaned, featured, segmented, churned, mined]
+    results.append(report(run, results))
 
-    results = [ingested, validated, cleaned, featured, segmented, churned, mined, reported]
     manifest = store.write_manifest(build_manifest(store, options, started_at, results))
     print(f"run complete: {store.run_dir} (manifest {manifest.name})")
     return str(store.run_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import date, timedelta
 from typing import NamedTuple
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import skops.io as sio
@@ -28,6 +29,7 @@ from sklearn.metrics import (
     precision_score,
     recall_score,
     roc_auc_score,
+    roc_curve,
 )
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -35,6 +37,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from crm_analytics.artifacts import StageResult
 from crm_analytics.parameters import ChurnOptions, RunSpec
+from crm_analytics.reporting import markdown_table, save_figure
 from tasks.common import stage_logger
 from tasks.features import as_of_end, build_customer_features
 
@@ -177,6 +180,32 @@ def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: d
     return ChurnOutput(training_set, validation_predictions, comparison, metrics, scores, production)
 
 
+def churn_section(metrics: dict, comparison: pd.DataFrame) -> str:
+    v = metrics["validation"]
+    return (
+        f"## Churn\n\nHorizon {metrics['horizon_days']} days. Trained on cutoff {metrics['train_cutoff']}, validated "
+        f"on the later cutoff {metrics['validation_cutoff']} ({v['n']} customers, churn rate {v['base_rate']:.1%}). "
+        f"Chosen model: **{metrics['chosen_model']}** with held-out ROC AUC **{v['roc_auc']:.3f}**, PR AUC "
+        f"{v['pr_auc']:.3f}, F1 {v['f1']:.3f} at threshold {v['threshold']:.2f} (best-F1 rule), top-decile lift "
+        f"{v['top_decile_lift']:.2f}, Brier {v['brier']:.3f}.\n\n"
+        + markdown_table(comparison[["model", "roc_auc", "pr_auc", "f1", "top_decile_lift", "brier"]])
+    )
+
+
+def churn_figures(predictions: pd.DataFrame) -> dict[str, plt.Figure]:
+    figure, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(9, 3.8))
+    fpr, tpr, _ = roc_curve(predictions["churned"], predictions["probability"])
+    roc_ax.plot(fpr, tpr)
+    roc_ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Churn ROC (validation)")
+    precision, recall, _ = precision_recall_curve(predictions["churned"], predictions["probability"])
+    pr_ax.plot(recall, precision)
+    pr_ax.axhline(predictions["churned"].mean(), linestyle="--", color="grey")
+    pr_ax.set(xlabel="recall", ylabel="precision", title="Churn precision-recall (validation)")
+    figure.tight_layout()
+    return {"roc_pr": figure}
+
+
 @task(name="churn")
 def churn(run: RunSpec, cleaned: StageResult, options: ChurnOptions, seed: int) -> StageResult:
     store = run.store
@@ -193,8 +222,11 @@ def churn(run: RunSpec, cleaned: StageResult, options: ChurnOptions, seed: int) 
         "metrics": store.write_json("churn", "metrics", out.metrics),
         "model": store.write_with("churn", "model.skops", "model", lambda p: sio.dump(out.model, p)),
     }
+    for name, figure in churn_figures(out.validation_predictions).items():
+        artifacts[f"figure_{name}"] = save_figure(store, "churn", name, figure)
     summary = {k: out.metrics[k] for k in ("chosen_model", "horizon_days", "train_cutoff", "validation_cutoff")}
     summary["validation_roc_auc"] = round(v["roc_auc"], 4)
     summary["validation_pr_auc"] = round(v["pr_auc"], 4)
     summary["scored_customers"] = len(out.scores)
-    return StageResult(stage="churn", artifacts=artifacts, metrics=summary)
+    return StageResult(stage="churn", artifacts=artifacts, metrics=summary,
+                       report_section=churn_section(out.metrics, out.comparison))

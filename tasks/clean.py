@@ -74,6 +74,14 @@ def clean_and_merge(customers: pd.DataFrame, products: pd.DataFrame, order_lines
     return CleanOutput(customers, products, lines, stats)
 
 
+def cleaning_section(stats: dict[str, dict[str, float | int]]) -> str:
+    lines = stats["order_lines"]
+    return (f"Cleaning dropped {lines['exact_duplicates_dropped']} exact duplicate order lines, "
+            f"{stats['customers']['exact_duplicates_dropped']} duplicate customers and "
+            f"{stats['products']['exact_duplicates_dropped']} duplicate products; {lines['return_lines']} lines are "
+            f"returns (return rate by value {lines['return_rate_by_value']:.2%}).")
+
+
 @task(name="clean")
 def clean(run: RunSpec, validated: StageResult) -> StageResult:
     store = run.store
@@ -84,4 +92,5 @@ def clean(run: RunSpec, validated: StageResult) -> StageResult:
         "products": store.write_frame("clean", "products", out.products),
         "order_lines": store.write_frame("clean", "order_lines", out.order_lines),
     }
-    return StageResult(stage="clean", artifacts=artifacts, metrics=out.stats)
+    return StageResult(stage="clean", artifacts=artifacts, metrics=out.stats,
+                       report_section=cleaning_section(out.stats))

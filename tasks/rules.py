@@ -16,6 +16,7 @@ from scipy import sparse
 
 from crm_analytics.artifacts import StageResult
 from crm_analytics.parameters import RulesOptions, RunSpec
+from crm_analytics.reporting import markdown_table
 from tasks.common import stage_logger
 from tasks.features import as_of_end
 
@@ -115,6 +116,15 @@ def rules_and_recommendations(order_lines: pd.DataFrame, as_of, options: RulesOp
     return RulesOutput(itemsets, rules, recommendations, stats)
 
 
+def rules_section(out: RulesOutput, top: int = 10) -> str:
+    s = out.stats
+    text = (f"## Association rules\n\n{s['rules']} rules from {s['itemsets']} frequent itemsets over {s['baskets']} "
+            f"baskets; {s['customers_with_recommendations']} customers have recommendations.\n\n")
+    if out.rules.empty:
+        return text + "_No rule passed the thresholds._"
+    return text + markdown_table(out.rules.head(top)[["antecedents", "consequents", "support", "confidence", "lift"]])
+
+
 @task(name="rules")
 def rules(run: RunSpec, cleaned: StageResult, options: RulesOptions) -> StageResult:
     store = run.store
@@ -125,4 +135,4 @@ def rules(run: RunSpec, cleaned: StageResult, options: RulesOptions) -> StageRes
         "rules": store.write_frame("rules", "rules", out.rules),
         "recommendations": store.write_frame("rules", "recommendations", out.recommendations),
     }
-    return StageResult(stage="rules", artifacts=artifacts, metrics=out.stats)
+    return StageResult(stage="rules", artifacts=artifacts, metrics=out.stats, report_section=rules_section(out))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import skops.io as sio
@@ -19,6 +20,7 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from crm_analytics.artifacts import StageResult
 from crm_analytics.parameters import RunSpec, SegmentOptions
+from crm_analytics.reporting import markdown_table, save_figure
 from tasks.common import stage_logger
 
 LOG_FEATURES = ["recency_days", "frequency_orders", "monetary_total", "avg_order_value", "tenure_days"]
@@ -107,6 +109,32 @@ def fit_segments(features: pd.DataFrame, options: SegmentOptions, seed: int) -> 
     return SegmentOutput(assignments, profiles, silhouette, model)
 
 
+def segment_section(out: SegmentOutput) -> str:
+    view = out.profiles[["segment_id", "segment_name", "customers", "share", "recency_days", "frequency_orders",
+                         "monetary_total", "rfm_score"]].copy()
+    view["share"] = view["share"].map("{:.1%}".format)
+    chosen = out.silhouette.loc[out.silhouette["chosen"]].iloc[0]
+    return (f"## Segments\n\nK-means with k={int(chosen['k'])} (best silhouette {chosen['silhouette']:.3f} over "
+            f"k={int(out.silhouette['k'].min())}..{int(out.silhouette['k'].max())}).\n\n"
+            + markdown_table(view, "{:.1f}"))
+
+
+def segment_figures(out: SegmentOutput) -> dict[str, plt.Figure]:
+    sizes, ax = plt.subplots(figsize=(6, 3.5))
+    ax.barh(out.profiles["segment_name"], out.profiles["customers"], color="#4C72B0")
+    ax.invert_yaxis()
+    ax.set_xlabel("customers")
+    ax.set_title("Segment sizes")
+    sizes.tight_layout()
+    curve, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(out.silhouette["k"], out.silhouette["silhouette"], marker="o")
+    ax.set_xlabel("k")
+    ax.set_ylabel("silhouette")
+    ax.set_title("Silhouette by number of segments")
+    curve.tight_layout()
+    return {"sizes": sizes, "silhouette": curve}
+
+
 @task(name="segment")
 def segment(run: RunSpec, featured: StageResult, options: SegmentOptions, seed: int) -> StageResult:
     store = run.store
@@ -119,7 +147,10 @@ def segment(run: RunSpec, featured: StageResult, options: SegmentOptions, seed: 
         "silhouette": store.write_frame("segments", "silhouette", out.silhouette),
         "model": store.write_with("segments", "model.skops", "model", lambda p: sio.dump(out.model, p)),
     }
+    for name, figure in segment_figures(out).items():
+        artifacts[f"figure_{name}"] = save_figure(store, "segments", name, figure)
     sizes = dict(zip(out.profiles["segment_name"], out.profiles["customers"].astype(int), strict=True))
     return StageResult(stage="segment", artifacts=artifacts,
                        metrics={"k": int(chosen["k"]), "silhouette": round(float(chosen["silhouette"]), 4),
-                                "sizes": sizes})
+                                "sizes": sizes},
+                       report_section=segment_section(out))

@@ -19,6 +19,7 @@ from prefect import task
 
 from crm_analytics.artifacts import StageResult
 from crm_analytics.parameters import RunSpec, ValidationOptions
+from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON
 from crm_analytics.settings import get_settings
 from tasks.common import DataQualityError, PermanentError, stage_logger
@@ -124,6 +125,16 @@ def check_quarantine_rate(entity: str, rows_in: int, quarantined: int, reason_co
     return rate
 
 
+def quality_section(metrics: dict[str, dict[str, Any]]) -> str:
+    rows = pd.DataFrame([
+        {"entity": entity, "rows in": m["rows_in"], "valid": m["valid"], "quarantined": m["quarantined"],
+         "rate": f"{m['quarantine_rate']:.2%}",
+         "top reasons": "; ".join(f"{r} ({n})" for r, n in list(m["reasons"].items())[:3]) or "-"}
+        for entity, m in metrics.items()
+    ])
+    return "## Data quality\n\n" + markdown_table(rows)
+
+
 # ---- IO edge ------------------------------------------------------------------------------------------------
 @task(name="validate")
 def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions) -> StageResult:
@@ -158,4 +169,5 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions) ->
     for entity in ENTITIES:
         m = metrics[entity]
         check_quarantine_rate(entity, m["rows_in"], m["quarantined"], m["reasons"], options.max_quarantine_rate)
-    return StageResult(stage="validate", artifacts=artifacts, metrics={"entities": metrics})
+    return StageResult(stage="validate", artifacts=artifacts, metrics={"entities": metrics},
+                       report_section=quality_section(metrics))

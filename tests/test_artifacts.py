@@ -46,3 +46,14 @@ def test_a_rerun_withdraws_the_manifest_until_it_completes(tmp_path):
 def test_unknown_stage_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
         RunStore(tmp_path, date(2025, 1, 31)).path("scratch", "x.parquet")
+
+
+def test_previous_complete_run_skips_incomplete_and_later_runs(tmp_path):
+    for day, complete in ((date(2025, 1, 1), True), (date(2025, 1, 5), True), (date(2025, 1, 7), False),
+                          (date(2025, 1, 20), True)):
+        store = RunStore(tmp_path, day)
+        store.begin()
+        if complete:
+            store.write_manifest({"as_of": day.isoformat()})
+    assert RunStore(tmp_path, date(2025, 1, 10)).previous_complete().as_of == date(2025, 1, 5)
+    assert RunStore(tmp_path, date(2025, 1, 1)).previous_complete() is None
