@@ -43,15 +43,17 @@ def generate(
                + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-def _run(as_of: date, mapping: str, root: Path) -> Path:
+def _run(as_of: date, mapping: str, root: Path, landing_dir: str | None = None) -> Path:
     configure_prefect_defaults()
+    from crm_analytics.mapping import MappingError
     from crm_analytics.parameters import PipelineOptions
     from flows.customer_analytics import customer_analytics
     from tasks.common import PermanentError
 
     try:
-        run_dir = customer_analytics(as_of=as_of, options=PipelineOptions(mapping=mapping, data_root=str(root)))
-    except PermanentError as exc:
+        options = PipelineOptions(mapping=mapping, data_root=str(root), landing_dir=landing_dir)
+        run_dir = customer_analytics(as_of=as_of, options=options)
+    except (PermanentError, MappingError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None
     return Path(run_dir)
@@ -61,13 +63,15 @@ def _run(as_of: date, mapping: str, root: Path) -> Path:
 def run(
     as_of: Annotated[str, typer.Option(help="As-of date YYYY-MM-DD (default: yesterday, UTC).")] = "",
     mapping: Annotated[str, typer.Option(help="Source mapping: shipped name or YAML path.")] = "sample",
+    landing_dir: Annotated[str | None, typer.Option(help="Overrides the mapping's landing folder.")] = None,
     data_root: DataRoot = None,
 ) -> None:
     """Run the whole pipeline for one as-of date."""
     from flows.customer_analytics import default_as_of
 
     day = date.fromisoformat(as_of) if as_of else default_as_of()
-    run_dir = _run(day, mapping, _data_root(data_root))
+    landing = str(Path(landing_dir).resolve()) if landing_dir else None
+    run_dir = _run(day, mapping, _data_root(data_root), landing)
     _print_summary(run_dir)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from crm_analytics.artifacts import RunStore
 
@@ -29,21 +31,109 @@ class SegmentOptions(BaseModel):
 
 
 class ChurnOptions(BaseModel):
+    """How churn is labelled, validated, compared with the current champion, and turned into risk bands."""
+
     model_config = ConfigDict(extra="forbid")
 
     horizon_days: int = Field(
-        90, ge=7, le=365, description="A customer has churned if they make no purchase in this many days."
+        90, ge=7, le=365, description="A customer has churned if they make no purchase in this many days "
+        "(the report shows the inter-purchase gaps and a suggested value).",
     )
+    training_cutoffs: int = Field(
+        3, ge=1, le=12, description="Past cutoffs whose labelled examples train the models; the latest is two "
+        "horizons before the as-of date, the others earlier by the spacing below. Cutoffs without enough history "
+        "are skipped.",
+    )
+    cutoff_spacing_days: int = Field(30, ge=7, le=365, description="Days between consecutive training cutoffs.")
+    active_within_days: int | None = Field(
+        None, ge=1, description="Only customers who bought within this many days before a cutoff are trained on, "
+        "validated and scored; empty means every customer who has ever bought.",
+    )
+    class_weighting: bool = Field(
+        True, description="Fit with balanced class weights (probabilities are mapped back to the true base rate).",
+    )
+    threshold_rule: Literal["best_f1", "target_recall"] = Field(
+        "best_f1", description="How the at-risk threshold is chosen on validation data: the best F1, or the "
+        "highest threshold that still reaches the target recall.",
+    )
+    target_recall: float = Field(0.8, gt=0.0, le=1.0, description="Recall aimed at by the target_recall rule.")
+    promotion_tolerance: float = Field(
+        0.0, ge=0.0, le=0.1, description="The new model replaces the champion if its validation ROC AUC is at "
+        "least the champion's minus this (0 = not worse on the same validation data).",
+    )
+    risk_band_edges: list[float] = Field(
+        [0.3, 0.6], min_length=1, max_length=5, description="Probability edges between risk bands "
+        "(two edges: low, medium, high).",
+    )
+    cv_folds: int = Field(5, ge=2, le=20, description="Stratified folds when churn labels are explicit.")
+    top_factors: int = Field(3, ge=1, le=10, description="Per-customer factors listed next to each score.")
+
+    @model_validator(mode="after")
+    def _bands_increase_inside_unit_interval(self) -> ChurnOptions:
+        edges = self.risk_band_edges
+        if any(not 0.0 < e < 1.0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ValueError(f"risk_band_edges must increase strictly inside (0, 1); got {edges}")
+        return self
 
 
 class RulesOptions(BaseModel):
+    """Market-basket mining and recommendation settings; the rule conventions follow R's arules."""
+
     model_config = ConfigDict(extra="forbid")
 
-    min_support: float = Field(0.01, gt=0.0, le=1.0, description="Minimum share of baskets holding an itemset.")
+    basket: Literal["order", "customer_day"] = Field(
+        "order", description="What one basket is: one order, or everything a customer bought on one (UTC) day.",
+    )
+    item_level: Literal["product", "category"] = Field(
+        "product", description="Mine rules between products, or between product categories.",
+    )
+    min_support: float = Field(
+        0.01, gt=0.0, le=1.0,
+        description="Minimum share of baskets holding an itemset (an itemset is frequent when count / baskets >= "
+        "this). Rules have the support of their whole itemset (antecedent and consequent together).",
+    )
     min_confidence: float = Field(0.2, gt=0.0, le=1.0, description="Minimum P(consequent | antecedent).")
     min_lift: float = Field(1.5, ge=0.0, description="Minimum lift of a rule.")
-    max_len: int = Field(3, ge=2, le=6, description="Largest itemset size mined.")
+    min_len: int = Field(
+        2, ge=1, le=6,
+        description="Fewest items in a rule, antecedent and consequent together (arules' minlen). 1 adds the "
+        "empty-antecedent rules {} -> {x}, whose confidence is the support of x.",
+    )
+    max_len: int = Field(
+        3, ge=1, le=6, description="Most items in a mined itemset, and so in a rule (arules' maxlen).",
+    )
+    single_consequent: bool = Field(
+        True,
+        description="Only rules with one item on the right (arules' convention). Off: every split of an itemset "
+        "into antecedent and consequent (mlxtend's association_rules), up to 2^k - 2 rules per itemset.",
+    )
+    min_item_baskets: int = Field(
+        5, ge=1,
+        description="Items bought in fewer baskets are dropped before mining, even when min_support alone would "
+        "keep them (items below min_support are always dropped: they cannot be in a frequent itemset).",
+    )
+    max_basket_size: int = Field(
+        100, ge=2,
+        description="Baskets with more distinct items are left out of mining (wholesale or data-error baskets "
+        "make the number of itemsets explode); they are counted and logged.",
+    )
+    memory_budget_mb: int = Field(
+        2048, ge=64,
+        description="Refuse to mine, with a suggested min_support, when the estimated working memory of mining "
+        "and rule generation exceeds this (or the memory the machine has available).",
+    )
     top_n: int = Field(5, ge=1, le=50, description="Recommendations kept per customer.")
+    recommendation_lookback_days: int = Field(
+        365, ge=1,
+        description="A customer is active, and gets recommendations, if they bought in this many days up to the "
+        "as-of date; rules fire on what they bought in that window.",
+    )
+
+    @model_validator(mode="after")
+    def _lengths_ordered(self) -> RulesOptions:
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) must not exceed max_len ({self.max_len})")
+        return self
 
 
 class PipelineOptions(BaseModel):
@@ -54,6 +144,9 @@ class PipelineOptions(BaseModel):
     mapping: str = Field(
         "sample", description="Source mapping: a shipped name (sample, online_retail) or a path to a YAML file."
     )
+    landing_dir: str | None = Field(
+        None, description="Overrides the mapping's landing folder (absolute, or relative to the data root)."
+    )
     data_root: str | None = Field(
         None, description="Root of landing/ and runs/; empty means the CRM_DATA_ROOT setting."
     )
@@ -62,6 +155,11 @@ class PipelineOptions(BaseModel):
     segments: SegmentOptions = SegmentOptions()
     churn: ChurnOptions = ChurnOptions()
     rules: RulesOptions = RulesOptions()
+
+
+def as_of_end(as_of: date) -> pd.Timestamp:
+    """The first instant after the as-of date (UTC): a run sees only events strictly before it."""
+    return pd.Timestamp(datetime.combine(as_of + timedelta(days=1), time()), tz="UTC")
 
 
 class RunSpec(BaseModel):

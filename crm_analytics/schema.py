@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-EntityName = Literal["customers", "order_lines", "products"]
+EntityName = Literal["customers", "order_lines", "products", "churn_labels"]
 ColumnType = Literal["string", "int", "float", "timestamp", "bool"]
 
 # Columns the rest of the pipeline relies on, in canonical order, with their type.
@@ -32,15 +32,22 @@ CANONICAL_COLUMNS: dict[str, dict[str, ColumnType]] = {
         "name": "string",
         "list_price": "float",
     },
+    "churn_labels": {
+        "customer_id": "string",
+        "churned": "bool",
+    },
 }
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "customers": ("customer_id", "signup_date"),
     "order_lines": ("order_id", "customer_id", "order_ts", "product_id", "quantity", "unit_price"),
     "products": ("product_id", "category"),
+    "churn_labels": ("customer_id", "churned"),
 }
 
-ENTITIES: tuple[str, ...] = ("customers", "products", "order_lines")
+# Validation order: referential checks of order lines and labels need the valid customers and products first.
+ENTITIES: tuple[str, ...] = ("customers", "products", "order_lines", "churn_labels")
+OPTIONAL_ENTITIES: tuple[str, ...] = ("churn_labels",)
 
 # Lineage columns every ingested row carries, so a quarantined row can be traced to its file and line.
 SOURCE_FILE = "_source_file"

@@ -77,8 +77,8 @@ def customer_analytics(as_of: date | None = None, options: PipelineOptions = Pip
     store.begin()
     started_at = utc_now()
 
-    ingested = ingest(run, options.mapping)
-    validated = validate(run, ingested, options.validation)
+    ingested = ingest(run, options.mapping, options.landing_dir)
+    validated = validate(run, ingested, options.validation, options.mapping)
     cleaned = clean(run, validated)
     featured = features(run, cleaned)
     segmented = segment(run, featured, options.segments, options.seed)

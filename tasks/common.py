@@ -8,6 +8,9 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import OperationalError as DatabaseOperationalError
+from sqlalchemy.exc import TimeoutError as DatabasePoolTimeout
 
 
 class PermanentError(Exception):
@@ -23,7 +26,10 @@ class DataQualityError(PermanentError):
 
 
 # Errors worth retrying: a flaky network share or a dropped database connection.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError, InterruptedError, OSError)
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError, ConnectionError, InterruptedError, OSError,
+    DatabaseOperationalError, DisconnectionError, DatabasePoolTimeout,
+)
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     PermanentError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
     KeyError, TypeError,

@@ -1,7 +1,9 @@
 """Ingest: read each entity through the source mapping, coerce types, and record where every row came from.
 
 Nothing is dropped here. A value that does not parse becomes null and the row carries the original text in
-``_parse_errors``, so the validation stage can quarantine it with a reason instead of the run crashing.
+``_parse_errors`` (personal columns are named but never quoted), so the validation stage can quarantine it
+with a reason instead of the run crashing. Entities come from files, a SQL query, or are derived from another
+entity (customers and products from invoice lines, for exports that only have lines).
 """
 
 from __future__ import annotations
@@ -18,20 +20,14 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.mapping import EntitySource, SourceMapping, load_mapping, select_files
-from crm_analytics.parameters import RunSpec
-from crm_analytics.schema import (
-    ENTITIES,
-    PARSE_ERRORS,
-    REQUIRED_COLUMNS,
-    SOURCE_FILE,
-    SOURCE_LINE,
-    ColumnType,
-)
+from crm_analytics.mapping import DatabaseSpec, EntitySource, MappingError, SourceMapping, load_mapping, select_files
+from crm_analytics.parameters import RunSpec, as_of_end
+from crm_analytics.schema import PARSE_ERRORS, REQUIRED_COLUMNS, SOURCE_FILE, SOURCE_LINE, ColumnType
 from tasks.common import IO_RETRY, SourceSchemaError, stage_logger
 
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
+ENTITY_KEYS = {"customers": "customer_id", "products": "product_id"}
 
 
 # ---- pure core ------------------------------------------------------------------------------------------
@@ -49,7 +45,10 @@ def coerce_column(values: pd.Series, kind: ColumnType, timezone: str = "UTC",
         return whole.round().astype("Int64")
     if kind == "bool":
         lowered = text.str.lower()
-        return lowered.map(lambda v: True if v in _TRUE else False if v in _FALSE else pd.NA).astype("boolean")
+        parsed = pd.Series(pd.NA, index=text.index, dtype="boolean")
+        parsed[lowered.isin(_TRUE).fillna(False)] = True
+        parsed[lowered.isin(_FALSE).fillna(False)] = False
+        return parsed
     if kind == "timestamp":
         parsed = pd.to_datetime(text, format=fmt or "ISO8601", errors="coerce", utc=False)
         if getattr(parsed.dt, "tz", None) is None:
@@ -71,7 +70,8 @@ def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source
     if missing:
         wanted = ", ".join(f"{c!r} (source column {renames[c]!r})" for c in missing)
         raise SourceSchemaError(
-            f"{entity}: {source_name} lacks required column(s) {wanted}; it has {list(text.columns)}"
+            f"{entity}: {source_name} lacks required column(s) {wanted}; it has "
+            f"{[c for c in text.columns if not c.startswith('_')]}"
         )
     out: dict[str, pd.Series] = {}
     errors = pd.Series(pd.NA, index=text.index, dtype="string")
@@ -81,10 +81,15 @@ def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source
             out[canonical] = coerce_column(pd.Series(pd.NA, index=text.index, dtype="string"), kind)
             continue
         raw = text[column].astype("string").str.strip().replace("", pd.NA)
+        if canonical in source.regex_replace:
+            fix = source.regex_replace[canonical]
+            raw = raw.str.replace(fix.pattern, fix.repl, regex=True)
         parsed = coerce_column(raw, kind, mapping.timezone, source.formats.get(canonical))
         failed = raw.notna() & parsed.isna()
         if failed.any():
-            message = canonical + "=" + raw[failed].str.slice(0, 60).map(repr).astype("string")
+            shown = ("<redacted>" if canonical in source.pii
+                     else raw[failed].str.slice(0, 60).map(repr).astype("string"))
+            message = canonical + "=" + shown
             errors = errors.mask(failed & errors.isna(), message).mask(failed & errors.notna(),
                                                                         errors + "; " + message)
         out[canonical] = parsed
@@ -95,9 +100,75 @@ def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source
     return frame.reset_index(drop=True)
 
 
+def _mode(values: pd.Series, keys: pd.Series) -> pd.Series:
+    """Most frequent non-null value per key (ties: the smallest value, so the result is deterministic)."""
+    pairs = pd.DataFrame({"key": keys, "value": values}).dropna()
+    counts = pairs.groupby(["key", "value"], sort=False).size().rename("n").reset_index()
+    counts = counts.sort_values(["key", "n", "value"], ascending=[True, False, True])
+    return counts.drop_duplicates("key").set_index("key")["value"]
+
+
+def derive_entity(origin: pd.DataFrame, entity: str, mapping: SourceMapping) -> pd.DataFrame:
+    """One row per key of ``entity`` from a parsed origin entity (e.g. customers from order lines)."""
+    spec = mapping.entities[entity].derive
+    key = ENTITY_KEYS.get(entity)
+    if key is None or key not in origin.columns:
+        raise MappingError(f"{entity} cannot be derived from {spec.from_entity}: it has no {key or 'key'} column")
+    rows = origin[origin[key].notna()]
+    keys = pd.Index(rows[key].drop_duplicates().sort_values(), name=key)
+    order_ts = "order_ts" if "order_ts" in rows.columns else None
+    derived = pd.DataFrame(index=keys)
+    for target, how_column in spec.columns.items():
+        how, column = how_column.split(":", 1)
+        if how == "const":
+            derived[target] = column
+            continue
+        if column not in rows.columns:
+            raise MappingError(f"derive {entity}.{target}: {spec.from_entity} has no column {column!r}")
+        if how == "mode":
+            derived[target] = _mode(rows[column], rows[key]).reindex(keys)
+        else:
+            ordered = rows.sort_values(order_ts or column, kind="stable")
+            picked = ordered.dropna(subset=[column]).groupby(key, sort=False)[column]
+            derived[target] = (picked.first() if how == "first" else picked.last()).reindex(keys)
+    text = derived.reset_index().astype("string")
+    text[SOURCE_FILE] = f"derived from {spec.from_entity}"
+    text[SOURCE_LINE] = np.arange(1, len(text) + 1, dtype=np.int64)
+    # Derived values are already typed; render them back as ISO text so one parser types every source.
+    for column in text.columns:
+        if column in derived.columns and isinstance(derived[column].dtype, pd.DatetimeTZDtype):
+            text[column] = derived[column].dt.strftime("%Y-%m-%dT%H:%M:%S%z").to_numpy()
+    declared = mapping.entities[entity]
+    identity = mapping.model_copy(update={"entities": {**mapping.entities, entity: EntitySource(
+        files="derived", keep=declared.keep, types=declared.types, pii=declared.pii)}})
+    return parse_entity(text, entity, identity, f"derivation from {spec.from_entity}")
+
+
+def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource) -> dict[str, object]:
+    """Counts a person checks against the export's known facts (rows, duplicates, keys, cancellations)."""
+    data_columns = [c for c in frame.columns if not c.startswith("_")]
+    files = frame[SOURCE_FILE].unique().tolist()
+    metrics: dict[str, object] = {
+        "rows": len(frame),
+        "files": len(files),
+        "first_file": str(files[0]) if files else None,
+        "last_file": str(files[-1]) if files else None,
+        "unparseable_rows": int(frame[PARSE_ERRORS].notna().sum()),
+        "exact_duplicate_rows": int(frame.duplicated(subset=data_columns).sum()),
+    }
+    if "customer_id" in frame.columns:
+        metrics["rows_with_customer_id"] = int(frame["customer_id"].notna().sum())
+        metrics["distinct_customer_ids"] = int(frame["customer_id"].nunique())
+    if entity == "order_lines":
+        metrics["negative_quantity_rows"] = int((frame["quantity"] < 0).sum())
+        if source.cancellation_prefix:
+            metrics["cancellation_rows"] = int(frame["order_id"].str.startswith(source.cancellation_prefix).sum())
+    return metrics
+
+
 # ---- IO edge ------------------------------------------------------------------------------------------------
 def read_source_text(path: Path, source: EntitySource) -> pd.DataFrame:
-    """Read one file with every column as text, plus its file name and line number per row."""
+    """Read one file with every column as text, plus its line number per row."""
     if source.format == "parquet":
         table = pq.read_table(path)
         frame = table.cast(pa.schema([(f.name, pa.string()) for f in table.schema])).to_pandas()
@@ -112,7 +183,8 @@ def read_source_text(path: Path, source: EntitySource) -> pd.DataFrame:
             table = pacsv.read_csv(
                 path,
                 read_options=pacsv.ReadOptions(encoding=options.encoding, column_names=header, skip_rows=1),
-                parse_options=pacsv.ParseOptions(delimiter=options.delimiter, quote_char=options.quote_char),
+                parse_options=pacsv.ParseOptions(delimiter=options.delimiter, quote_char=options.quote_char,
+                                                 newlines_in_values=True),
                 convert_options=pacsv.ConvertOptions(
                     column_types={name: pa.string() for name in header}, strings_can_be_null=True,
                     null_values=[""], quoted_strings_can_be_null=True,
@@ -121,55 +193,98 @@ def read_source_text(path: Path, source: EntitySource) -> pd.DataFrame:
         except pa.ArrowInvalid as exc:
             raise SourceSchemaError(f"{path}: cannot parse as CSV with {options.model_dump()}: {exc}") from exc
         frame = table.to_pandas()
-    frame[SOURCE_FILE] = path.name
     # Line in the file (header is line 1); exact unless quoted fields span several lines.
     frame[SOURCE_LINE] = np.arange(2, len(frame) + 2, dtype=np.int64)
     return frame
 
 
-def ingest_entity(entity: str, mapping: SourceMapping, data_root: Path, as_of: date) -> pd.DataFrame:
-    source = mapping.entities[entity]
-    landing = mapping.landing_path(data_root)
+def read_files(entity: str, source: EntitySource, landing: Path, as_of: date) -> pd.DataFrame:
     files = select_files(landing, source, as_of)
     if not files:
         raise FileNotFoundError(
             f"{entity}: no file matches {source.files!r} under {landing}"
             + (f" dated on or before {as_of}" if source.daily else "")
         )
-    # Parse once over all files: per-file parsing costs a fixed overhead per landing file.
     parts = []
     for path in files:
         text = read_source_text(path, source)
         text[SOURCE_FILE] = str(path.relative_to(landing)) if path.is_relative_to(landing) else str(path)
         parts.append(text)
-    header_sets = {tuple(part.columns) for part in parts}
-    if len(header_sets) > 1:
-        first = parts[0]
-        for path, part in zip(files, parts, strict=True):
-            if set(part.columns) != set(first.columns):
-                raise SourceSchemaError(f"{entity}: {path} has columns {list(part.columns)}, but {files[0]} has "
-                                        f"{list(first.columns)}")
-    text = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-    return parse_entity(text, entity, mapping, f"{len(files)} file(s) matching {source.files!r}")
+    expected = set(parts[0].columns)
+    for path, part in zip(files, parts, strict=True):
+        if set(part.columns) != expected:
+            raise SourceSchemaError(f"{entity}: {path} has columns {sorted(set(part.columns) - {SOURCE_FILE})}, but "
+                                    f"{files[0]} has {sorted(expected - {SOURCE_FILE})}")
+    # Parse once over all files: per-file parsing costs a fixed overhead per landing file.
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def database_url(spec: DatabaseSpec) -> str:
+    """The SQLAlchemy URL from a Prefect Secret block or the environment (never from the repository)."""
+    import os
+
+    if spec.secret_block:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(spec.secret_block).get()
+    url = os.environ.get(spec.url_env)
+    if not url:
+        raise MappingError(f"the mapping reads SQL but {spec.url_env} is not set (a SQLAlchemy URL)")
+    return url
+
+
+def read_query(entity: str, source: EntitySource, spec: DatabaseSpec, as_of: date) -> pd.DataFrame:
+    """Run the entity's query; every value comes back as text so one parser types every source."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(database_url(spec), pool_pre_ping=True)
+    try:
+        with engine.connect() as connection:
+            statement = sa.text(source.query)
+            params = {"as_of_end": as_of_end(as_of).to_pydatetime()} if ":as_of_end" in source.query else {}
+            frame = pd.read_sql(statement, connection, params=params)
+    finally:
+        engine.dispose()
+    text = frame.astype(object).where(frame.notna(), None)
+    for column in text.columns:
+        values = frame[column]
+        if pd.api.types.is_datetime64_any_dtype(values):
+            text[column] = values.map(lambda v: v.isoformat() if pd.notna(v) else None)
+        else:
+            text[column] = values.map(lambda v: str(v) if v is not None and not pd.isna(v) else None)
+    text = text.astype("string")
+    text[SOURCE_FILE] = f"sql:{entity}"
+    text[SOURCE_LINE] = np.arange(1, len(text) + 1, dtype=np.int64)
+    return text
+
+
+def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date,
+               landing_override: str | None = None) -> dict[str, pd.DataFrame]:
+    """Every entity of the mapping, read or derived, parsed and typed."""
+    landing = mapping.landing_path(data_root, landing_override)
+    frames: dict[str, pd.DataFrame] = {}
+    for entity in mapping.read_order():
+        source = mapping.entities[entity]
+        if source.derive is not None:
+            frames[entity] = derive_entity(frames[source.derive.from_entity], entity, mapping)
+            continue
+        if source.query is not None:
+            text = read_query(entity, source, mapping.database, as_of)
+        else:
+            text = read_files(entity, source, landing, as_of)
+        frames[entity] = parse_entity(text, entity, mapping, f"{entity} source {source.files or 'query'}")
+    return frames
 
 
 @task(name="ingest", **IO_RETRY)
-def ingest(run: RunSpec, mapping_name: str) -> StageResult:
+def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None) -> StageResult:
     """Read every entity through the mapping into ``raw/<entity>.parquet``."""
     log = stage_logger()
     mapping = load_mapping(mapping_name)
     store = run.store
     artifacts, metrics = {}, {}
-    for entity in ENTITIES:
-        frame = ingest_entity(entity, mapping, run.data_root, run.as_of)
+    for entity, frame in ingest_all(mapping, run.data_root, run.as_of, landing_dir).items():
         artifacts[entity] = store.write_frame("raw", entity, frame)
-        files = frame[SOURCE_FILE].unique().tolist()
-        metrics[entity] = {
-            "rows": len(frame),
-            "files": len(files),
-            "first_file": str(files[0]) if files else None,
-            "last_file": str(files[-1]) if files else None,
-            "unparseable_rows": int(frame[PARSE_ERRORS].notna().sum()),
-        }
-        log.info("ingested %s: %d rows from %d file(s)", entity, len(frame), metrics[entity]["files"])
+        metrics[entity] = ingest_metrics(frame, entity, mapping.entities[entity])
+        log.info("ingested %s: %d rows from %d source(s)", entity, len(frame), metrics[entity]["files"])
     return StageResult(stage="ingest", artifacts=artifacts, metrics={"mapping": mapping.name, "entities": metrics})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from datetime import date, datetime, time, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -18,7 +18,9 @@ import pandas as pd
 from prefect import task
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.parameters import RunSpec, ValidationOptions
+from crm_analytics.mapping import load_mapping
+from crm_analytics.parameters import RunSpec, ValidationOptions, as_of_end
+from crm_analytics.privacy import pseudonym_key, pseudonymise
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON
 from crm_analytics.settings import get_settings
@@ -47,8 +49,7 @@ def load_suite(entity: str, expectations_dir: Path | None = None) -> dict[str, A
 
 def suite_parameters(as_of: date, **extra: Any) -> dict[str, Any]:
     """Values for the ``$PARAMETER`` placeholders in the suites."""
-    as_of_end = pd.Timestamp(datetime.combine(as_of + timedelta(days=1), time()), tz="UTC")
-    return {"as_of_end": as_of_end, "as_of_year": as_of.year, **extra}
+    return {"as_of_end": as_of_end(as_of), "as_of_year": as_of.year, **extra}
 
 
 def _reason(expectation_type: str, kwargs: dict[str, Any], meta: dict[str, Any] | None) -> str:
@@ -137,23 +138,30 @@ def quality_section(metrics: dict[str, dict[str, Any]]) -> str:
 
 # ---- IO edge ------------------------------------------------------------------------------------------------
 @task(name="validate")
-def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions) -> StageResult:
-    """Validate customers and products first, then order lines against the valid customer and product ids."""
+def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, mapping_name: str) -> StageResult:
+    """Validate customers and products first, then order lines and labels against the valid ids.
+
+    Personal columns are pseudonymised in everything this stage writes (validated and quarantined rows);
+    the raw values stay in ``raw/`` only.
+    """
     log = stage_logger()
     store = run.store
-    artifacts, metrics, outcomes = {}, {}, {}
-    for entity in ENTITIES:  # customers, products, order_lines: referential checks need the first two
+    mapping = load_mapping(mapping_name)
+    key = pseudonym_key(run.data_root)
+    artifacts, metrics, valid_ids = {}, {}, {}
+    for entity in [e for e in ENTITIES if e in ingested.artifacts]:
         frame = store.read_frame(ingested.ref(entity))
         extra = {}
-        if entity == "order_lines":
-            extra = {
-                "known_customer_ids": outcomes["customers"].valid["customer_id"].dropna().unique().tolist(),
-                "known_product_ids": outcomes["products"].valid["product_id"].dropna().unique().tolist(),
-            }
+        if entity in ("order_lines", "churn_labels"):
+            extra = {"known_customer_ids": valid_ids["customers"], "known_product_ids": valid_ids["products"]}
         outcome = validate_entity(frame, load_suite(entity), suite_parameters(run.as_of, **extra))
-        outcomes[entity] = outcome
-        artifacts[entity] = store.write_frame("validated", entity, outcome.valid)
-        artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity, outcome.quarantine)
+        key_column = {"customers": "customer_id", "products": "product_id"}.get(entity)
+        if key_column:
+            valid_ids[entity] = outcome.valid[key_column].dropna().unique().tolist()
+        pii = mapping.entities[entity].pii
+        artifacts[entity] = store.write_frame("validated", entity, pseudonymise(outcome.valid, pii, key))
+        artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity,
+                                                              pseudonymise(outcome.quarantine, pii, key))
         rows_in, quarantined = len(frame), len(outcome.quarantine)
         if rows_in != len(outcome.valid) + quarantined:
             raise AssertionError(f"{entity}: {rows_in} rows in but {len(outcome.valid)} valid + {quarantined} "
@@ -163,11 +171,11 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions) ->
             "valid": len(outcome.valid),
             "quarantined": quarantined,
             "quarantine_rate": round(quarantined / rows_in, 6) if rows_in else 0.0,
+            "max_quarantine_rate": mapping.quality.max_quarantine_rate.get(entity, options.max_quarantine_rate),
             "reasons": outcome.reason_counts,
         }
         log.info("validated %s: %d valid, %d quarantined", entity, len(outcome.valid), quarantined)
-    for entity in ENTITIES:
-        m = metrics[entity]
-        check_quarantine_rate(entity, m["rows_in"], m["quarantined"], m["reasons"], options.max_quarantine_rate)
+    for entity, m in metrics.items():
+        check_quarantine_rate(entity, m["rows_in"], m["quarantined"], m["reasons"], m["max_quarantine_rate"])
     return StageResult(stage="validate", artifacts=artifacts, metrics={"entities": metrics},
                        report_section=quality_section(metrics))

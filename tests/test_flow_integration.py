@@ -67,3 +67,30 @@ def test_stages_did_their_jobs(completed_run):
     features = pd.read_parquet(root / "runs" / f"as_of={AS_OF}" / "features" / "customer_features.parquet")
     assert set(scores["customer_id"]) == set(features["customer_id"])
     assert scores["churn_probability"].between(0, 1).all()
+
+
+def test_no_personal_data_leaves_raw(completed_run):
+    """Every artifact outside raw/, the Prefect artifacts and the run's logs are free of the raw e-mails."""
+    from prefect.client.orchestration import get_client
+
+    root, _ = completed_run
+    run_dir = root / "runs" / f"as_of={AS_OF}"
+    emails = set(pd.read_csv(root / "landing" / "customers.csv", dtype=str)["email"].dropna())
+    assert emails
+    raw_customers = pd.read_parquet(run_dir / "raw" / "customers.parquet")
+    assert raw_customers["email"].isin(emails).any()  # the scan below would find them if they leaked
+    for path in run_dir.rglob("*"):
+        if not path.is_file() or path.relative_to(run_dir).parts[0] == "raw":
+            continue
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+            for column in frame.columns:
+                if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column]):
+                    assert not frame[column].astype("string").isin(emails).any(), f"{path}:{column}"
+        elif path.suffix in (".json", ".md"):
+            text = path.read_text()
+            assert not any(email in text for email in emails), path
+    with get_client(sync_client=True) as client:
+        texts = [str(a.data) for a in client.read_artifacts()] + [log.message for log in client.read_logs()]
+    assert texts
+    assert not any(email in text for text in texts for email in emails)

@@ -5,7 +5,7 @@ import pytest
 
 from crm_analytics.mapping import EntitySource, SourceMapping, load_mapping, select_files
 from tasks.common import SourceSchemaError
-from tasks.ingest import coerce_column, ingest_entity, parse_entity, read_source_text
+from tasks.ingest import coerce_column, ingest_all, parse_entity, read_source_text
 
 
 def _text(**columns):
@@ -79,7 +79,7 @@ def test_daily_files_after_the_as_of_date_are_not_read(tmp_path):
 
 def test_ingest_of_the_generated_export_keeps_every_row(sample_root):
     mapping = load_mapping("sample")
-    frame = ingest_entity("order_lines", mapping, sample_root, date(2025, 12, 31))
+    frame = ingest_all(mapping, sample_root, date(2025, 12, 31))["order_lines"]
     on_disk = sum(len(pd.read_csv(p, dtype=str)) for p in (sample_root / "landing" / "order_lines").glob("*.csv"))
     assert len(frame) == on_disk
     assert frame["_source_file"].str.startswith("order_lines/").all()
