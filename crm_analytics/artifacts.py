@@ -8,14 +8,17 @@ content hash), never DataFrames: Prefect results stay tiny and cache keys are ex
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from pydantic import BaseModel
 import crm_analytics
 
 MANIFEST_NAME = "_manifest.json"
+STAGE_RECORDS = "_stages"
 STAGES = ("raw", "validated", "quarantine", "clean", "features", "segments", "churn", "rules", "report")
 
 
@@ -92,6 +96,26 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+class RunLockedError(RuntimeError):
+    """Another run of the same as-of date holds the run folder."""
+
+
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of the pipeline's code and suites: a stage is recomputed whenever any of it changes.
+
+    Deliberately coarse (the whole tree, not one module): a stage's output also depends on the helpers and
+    stages it imports, and a needless recompute is cheap next to a wrong cache hit.
+    """
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for folder, pattern in (("crm_analytics", "**/*.py"), ("tasks", "**/*.py"), ("expectations", "*.json")):
+        for path in sorted((root / folder).glob(pattern)):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def code_version() -> str:
     """The package version plus the git commit when running from a checkout."""
     try:
@@ -144,6 +168,62 @@ class RunStore:
                 earlier.append(run_date)
         return RunStore(self.data_root, max(earlier)) if earlier else None
 
+    # ---- stage records: what makes a stage resumable -------------------------------------------------------
+    def stage_record_path(self, stage: str) -> Path:
+        return self.run_dir / STAGE_RECORDS / f"{stage}.json"
+
+    def record_stage(self, stage: str, key: str, result: StageResult) -> None:
+        """Remember that ``stage`` produced ``result`` from inputs whose fingerprint is ``key``."""
+        with atomic_path(self.stage_record_path(stage)) as tmp:
+            tmp.write_text(json.dumps({"key": key, "finished_at": utc_now(),
+                                       "result": result.model_dump(mode="json")}, indent=2))
+
+    def recorded_stage(self, stage: str, key: str) -> StageResult | None:
+        """The recorded result of ``stage`` if its key matches and every output is still intact on disk."""
+        path = self.stage_record_path(stage)
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        if record.get("key") != key:
+            return None
+        result = StageResult.model_validate(record["result"])
+        intact = all(ref.file.exists() and ref.file.stat().st_size == ref.bytes
+                     and file_sha256(ref.file) == ref.content_hash for ref in result.artifacts.values())
+        return result if intact else None
+
+    @contextmanager
+    def lock(self, timeout_seconds: float = 3600.0, poll_seconds: float = 1.0,
+             on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold the as-of date exclusively (an OS file lock, released if the process dies).
+
+        A second run of the same date waits (up to ``timeout_seconds``); runs of other dates are not affected.
+        """
+        lock_path = self.data_root / "runs" / ".locks" / f"as_of={self.as_of.isoformat()}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = lock_path.open("a+")
+        deadline = time.monotonic() + timeout_seconds
+        warned = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RunLockedError(f"another run of {self.as_of} still holds {lock_path} after "
+                                             f"{timeout_seconds:.0f}s") from None
+                    if on_wait and not warned:
+                        on_wait(f"another run of {self.as_of} holds the run folder; waiting for it to finish")
+                        warned = True
+                    time.sleep(poll_seconds)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} since {utc_now()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # closing the descriptor releases the lock
+
     def begin(self) -> None:
         """Mark the run as in progress: a rerun first withdraws the old manifest, so the folder reads as
         incomplete until the new manifest lands."""
@@ -162,9 +242,10 @@ class RunStore:
             **extra,
         )
 
-    def write_frame(self, stage: str, name: str, frame: pd.DataFrame) -> ArtifactRef:
+    def write_frame(self, stage: str, name: str, frame: pd.DataFrame, schema: pa.Schema | None = None) -> ArtifactRef:
+        """Write a table; ``schema`` pins column types an empty frame cannot show (e.g. list<string>)."""
         target = self.path(stage, f"{name}.parquet")
-        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
         with atomic_path(target) as tmp:
             pq.write_table(table, tmp, compression="zstd")
         return self._ref(

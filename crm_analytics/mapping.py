@@ -207,6 +207,13 @@ def load_mapping(mapping: str | Path) -> SourceMapping:
         raise MappingError(f"invalid mapping {path}: {exc}") from exc
 
 
+def mapping_fingerprint(mapping: str | Path) -> str:
+    """A hash of the mapping file's text: part of the cache key of every stage the mapping shapes."""
+    import hashlib
+
+    return hashlib.sha256(resolve_mapping_path(mapping).read_bytes()).hexdigest()[:16]
+
+
 def select_files(landing: Path, source: EntitySource, as_of: date) -> list[Path]:
     """The files of one entity, sorted; for daily files only those dated on or before ``as_of``."""
     pattern = expand_env(source.files or "")

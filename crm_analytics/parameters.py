@@ -23,11 +23,60 @@ class ValidationOptions(BaseModel):
 
 
 class SegmentOptions(BaseModel):
+    """How customers are clustered into segments, and how segments keep their identity from night to night."""
+
     model_config = ConfigDict(extra="forbid")
 
+    method: Literal["kmeans", "agglomerative", "dbscan"] = Field(
+        "kmeans", description="Clustering: K-means, agglomerative (Ward, fitted on at most 5,000 customers) or "
+        "DBSCAN (finds its own number of segments; customers in no dense region become 'outliers').",
+    )
+    features: list[str] = Field(
+        ["mean_interpurchase_days", "avg_basket_size", "typical_unit_price", "return_rate"], min_length=1,
+        description="Feature columns clustered. The default describes how a customer buys while active (usual "
+        "gap between orders, lines per order, typical unit price, return rate): it does not drift as a customer "
+        "ages or lapses, so a segment stays the same kind of customer night after night.",
+    )
+    min_orders: int = Field(
+        8, ge=2, le=1000,
+        description="Customers with at least this many orders are clustered. Fewer orders are too little "
+        "evidence to tell what kind of customer someone is; they are grouped as one-time or light buyers.",
+    )
     k_min: int = Field(3, ge=2, le=20, description="Smallest number of segments tried.")
     k_max: int = Field(8, ge=2, le=30, description="Largest number of segments tried (best silhouette wins).")
     silhouette_sample: int = Field(4000, ge=200, description="Customers sampled to score the silhouette.")
+    fit_sample: int = Field(
+        50_000, ge=1000, description="Customers used to choose k and fit the clusters (picked by a seeded hash "
+        "of their id, so mostly the same ones night after night); everyone is then assigned to the nearest.",
+    )
+    within_scaling: bool = Field(
+        True, description="Rescale features by their spread inside the first clustering's segments and refit "
+        "once (K-means and agglomerative), so a feature that separates segments is not diluted by its own "
+        "between-segment spread.",
+    )
+    dbscan_eps: float = Field(0.5, gt=0.0, description="DBSCAN neighbourhood radius, in standardised units.")
+    dbscan_min_samples: int = Field(20, ge=2, description="DBSCAN: neighbours that make a point a core point.")
+    k_switch_margin: float = Field(
+        0.02, ge=0.0, le=1.0, description="Keep the previous run's number of segments unless another k beats "
+        "its silhouette by more than this (stops k flip-flopping between nights).",
+    )
+    max_match_distance: float = Field(
+        1.5, gt=0.0, description="A segment inherits a previous segment's id and name only if their centres "
+        "are at most this far apart (scaled units); farther, it is a new segment.",
+    )
+    min_stability: float = Field(
+        0.8, ge=0.0, le=1.0, description="Warn when fewer than this share of customers seen in both runs kept "
+        "their segment since the previous complete run.",
+    )
+    new_customer_days: int = Field(
+        90, ge=1, description="Lifecycle: a customer whose first purchase is this recent is 'new'.",
+    )
+
+    @model_validator(mode="after")
+    def _k_range_ordered(self) -> SegmentOptions:
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) must not exceed k_max ({self.k_max})")
+        return self
 
 
 class ChurnOptions(BaseModel):
@@ -40,7 +89,7 @@ class ChurnOptions(BaseModel):
         "(the report shows the inter-purchase gaps and a suggested value).",
     )
     training_cutoffs: int = Field(
-        3, ge=1, le=12, description="Past cutoffs whose labelled examples train the models; the latest is two "
+        4, ge=1, le=12, description="Past cutoffs whose labelled examples train the models; the latest is two "
         "horizons before the as-of date, the others earlier by the spacing below. Cutoffs without enough history "
         "are skipped.",
     )

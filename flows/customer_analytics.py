@@ -1,16 +1,20 @@
 """The nightly/manual flow: ingest -> validate -> clean -> features -> segment -> churn -> rules -> report.
 
 Only wiring here: each step is a task from ``tasks/`` that reads and writes artifacts and passes references.
-The run folder is complete when ``_manifest.json`` exists; it is written last.
+The run folder is complete when ``_manifest.json`` exists; it is written last. A run holds its date's lock
+for its whole duration, and each stage reuses its recorded outputs when inputs, parameters and code are
+unchanged, so a rerun after a crash resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from crm_analytics.artifacts import RunStore, StageResult, code_version, utc_now
@@ -37,19 +41,38 @@ def _run_name() -> str:
     return f"customer-analytics-{as_of}"
 
 
+def data_root_of(options: PipelineOptions) -> Path:
+    return Path(options.data_root) if options.data_root else get_settings().data_root
+
+
+def idempotency_key(as_of: date, options: PipelineOptions) -> str:
+    """Identifies "this date with these parameters": a complete run with the same key is not redone."""
+    payload = json.dumps({"as_of": as_of.isoformat(), "options": options.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def completed_key(store: RunStore) -> str | None:
+    """The idempotency key of a complete run folder, or None if the folder is incomplete."""
+    if not store.is_complete():
+        return None
+    return store.read_manifest().get("idempotency_key")
+
+
 def build_manifest(store: RunStore, options: PipelineOptions, started_at: str,
                    results: list[StageResult]) -> dict[str, Any]:
-    validated = next(r for r in results if r.stage == "validate")
+    by_stage = {r.stage: r for r in results}
     return {
         "as_of": store.as_of.isoformat(),
+        "idempotency_key": idempotency_key(store.as_of, options),
+        "flow_run_id": str(flow_run.get_id()) if flow_run.get_id() else None,
         "started_at": started_at,
         "finished_at": utc_now(),
         "code_version": code_version(),
         "parameters": options.model_dump(mode="json"),
-        "inputs": next(r for r in results if r.stage == "ingest").metrics,
+        "inputs": by_stage["ingest"].metrics,
         "reconciliation": {
             entity: {k: m[k] for k in ("rows_in", "valid", "quarantined")}
-            for entity, m in validated.metrics["entities"].items()
+            for entity, m in by_stage["validate"].metrics["entities"].items()
         },
         "stages": {r.stage: r.metrics for r in results},
         "artifacts": {
@@ -71,22 +94,20 @@ def customer_analytics(as_of: date | None = None, options: PipelineOptions = Pip
         options: mapping, data root, seed and per-stage settings.
     """
     as_of = as_of or default_as_of()
-    data_root = Path(options.data_root) if options.data_root else get_settings().data_root
-    run = RunSpec(data_root=data_root, as_of=as_of)
+    run = RunSpec(data_root=data_root_of(options), as_of=as_of)
     store = run.store
-    store.begin()
-    started_at = utc_now()
-
-    ingested = ingest(run, options.mapping, options.landing_dir)
-    validated = validate(run, ingested, options.validation, options.mapping)
-    cleaned = clean(run, validated)
-    featured = features(run, cleaned)
-    segmented = segment(run, featured, options.segments, options.seed)
-    churned = churn(run, cleaned, options.churn, options.seed)
-    mined = rules(run, cleaned, options.rules)
-    results = [ingested, validated, cleaned, featured, segmented, churned, mined]
-    results.append(report(run, results))
-
-    manifest = store.write_manifest(build_manifest(store, options, started_at, results))
+    with store.lock(on_wait=get_run_logger().warning):
+        store.begin()
+        started_at = utc_now()
+        ingested = ingest(run, options.mapping, options.landing_dir)
+        validated = validate(run, ingested, options.validation, options.mapping)
+        cleaned = clean(run, validated)
+        featured = features(run, cleaned)
+        segmented = segment(run, featured, options.segments, options.seed)
+        churned = churn(run, cleaned, options.churn, options.seed)
+        mined = rules(run, cleaned, options.rules)
+        results = [ingested, validated, cleaned, featured, segmented, churned, mined]
+        results.append(report(run, results))
+        manifest = store.write_manifest(build_manifest(store, options, started_at, results))
     print(f"run complete: {store.run_dir} (manifest {manifest.name})")
     return str(store.run_dir)

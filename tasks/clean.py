@@ -1,5 +1,17 @@
-"""Clean and merge: drop exact duplicates, normalise products, flag returns, and join order lines with their
-customer and product without multiplying rows. Every dropped row is counted for the manifest."""
+"""Clean and merge: drop exact duplicates, normalise products, net returns against their purchases, and join
+order lines with their customer and product without multiplying rows. Every dropped row is counted.
+
+Returns and cancellations (negative quantity: ``R`` orders in the sample export, ``C`` invoices in Online
+Retail, neither reliably linked to the original order) are kept as lines and netted against the same
+customer's earlier purchases of the same product:
+
+- ``netted_quantity`` on a return line: the units of it that a purchase made *before it* can absorb. It depends
+  only on lines up to the return's own timestamp, so features computed at any past cutoff may use it.
+- ``returned_quantity`` on a purchase line: the units of it given back by any return up to the as-of date,
+  allocated first-in first-out. It knows the future of that purchase: features at a past cutoff must not use it.
+- A return no earlier purchase can absorb (its purchase predates the export, or it is a discount or fee line)
+  is ``unmatched``: kept, flagged and counted, but it nets against nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +19,29 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-from prefect import task
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from crm_analytics.artifacts import StageResult
 from crm_analytics.parameters import RunSpec
+from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import LINEAGE_COLUMNS
-from tasks.common import stage_logger
+from tasks.common import stage_logger, stage_task
+
+LINE_KEY_COLUMNS = ["order_id", "customer_id", "order_ts", "product_id", "quantity", "unit_price"]
+# Customer attributes copied onto every order line (when the customers table has them and the lines do not).
+CUSTOMER_COLUMNS_ON_LINES = ["country"]
+# A product description carried on the lines themselves (Online Retail's) is replaced by the product's one
+# normalised name, so every line of a product reads the same.
+LINE_DESCRIPTION = "description"
+Stats = dict[str, dict[str, float | int]]
 
 
 class CleanOutput(NamedTuple):
     customers: pd.DataFrame
     products: pd.DataFrame
     order_lines: pd.DataFrame
-    stats: dict[str, dict[str, float | int]]
+    stats: Stats
 
 
 def drop_exact_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -30,9 +52,16 @@ def drop_exact_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
         duplicate.sum())
 
 
+def _squash_spaces(text: pd.Series) -> pd.Series:
+    return text.str.strip().str.replace(r"\s+", " ", regex=True)
+
+
 def normalise_products(products: pd.DataFrame) -> pd.DataFrame:
     """One row per product; names trimmed and, where a product has several spellings, the most frequent."""
-    products = products.assign(name=products["name"].str.strip().str.replace(r"\s+", " ", regex=True))
+    products = products.assign(category=_squash_spaces(products["category"]))
+    if "name" not in products.columns:
+        return products.drop_duplicates("product_id").reset_index(drop=True)
+    products = products.assign(name=_squash_spaces(products["name"]))
     counts = products.groupby(["product_id", "name"], dropna=False).size().rename("n").reset_index()
     top_name = counts.sort_values(["product_id", "n", "name"], ascending=[True, False, True]).drop_duplicates(
         "product_id")[["product_id", "name"]]
@@ -40,49 +69,177 @@ def normalise_products(products: pd.DataFrame) -> pd.DataFrame:
                                                                             validate="one_to_one")
 
 
+def _codes(values: pd.Series) -> np.ndarray:
+    return pd.factorize(values, sort=False)[0].astype(np.int64)
+
+
+def net_returns(lines: pd.DataFrame, customer_code: np.ndarray | None = None,
+                product_code: np.ndarray | None = None) -> pd.DataFrame:
+    """Add ``netted_quantity`` and ``returned_quantity`` (see the module docstring); vectorised.
+
+    Per (customer, product) in time order (a purchase before a return at the same instant), with P the running
+    purchased units and R the running returned units, the running matched returns are
+    M = R + min(0, cummin(P - R)): a return is matched only as far as earlier purchases not yet returned allow.
+    First-in first-out, purchase line k (units [P_k - q_k, P_k)) then gives back clip(M_total - P_k + q_k, 0, q_k).
+    ``customer_code`` and ``product_code`` (integer codes of the ids, if the caller has them) save factorising.
+    """
+    customer_code = _codes(lines["customer_id"]) if customer_code is None else customer_code
+    product_code = _codes(lines["product_id"]) if product_code is None else product_code
+    quantity = lines["quantity"].to_numpy(dtype=np.int64)
+    is_return = quantity < 0
+    ts = lines["order_ts"].to_numpy(dtype="datetime64[us]").astype(np.int64)
+    # Two combined keys sort faster than four: (customer, product), then (time, purchase before return).
+    pair = customer_code * (int(product_code.max(initial=0)) + 1) + product_code
+    order = np.lexsort((ts * 2 + is_return, pair))
+    customer, product = customer_code[order], product_code[order]
+    group_start = np.ones(len(order), dtype=bool)
+    group_start[1:] = (customer[1:] != customer[:-1]) | (product[1:] != product[:-1])
+    group = np.cumsum(group_start) - 1
+
+    def running(values: np.ndarray) -> np.ndarray:
+        total = np.cumsum(values)
+        return total - (total - values)[group_start][group]
+
+    bought = np.where(is_return, 0, quantity)[order]
+    given_back = np.where(is_return, -quantity, 0)[order]
+    purchased, returned = running(bought), running(given_back)
+    slack = pd.Series(purchased - returned).groupby(group).cummin().to_numpy()
+    matched = returned + np.minimum(slack, 0)
+    matched_here = matched - np.where(group_start, 0, np.roll(matched, 1))
+    group_end = np.r_[group_start[1:], True]
+    matched_total = matched[group_end][group]
+    returned_here = np.clip(matched_total - purchased + bought, 0, bought)
+
+    netted = np.empty(len(order), dtype=np.int64)
+    netted[order] = np.where(given_back > 0, matched_here, 0)
+    returned_quantity = np.empty(len(order), dtype=np.int64)
+    returned_quantity[order] = returned_here
+    return lines.assign(netted_quantity=netted, returned_quantity=returned_quantity)
+
+
+def key_positions(keys: pd.Series, table_keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of ``keys`` and, for each, the row of ``table_keys`` holding it (-1 if absent or null).
+
+    Ids are factorised once and only the distinct ones are looked up (with pyarrow's hash lookup: pandas'
+    ``isin`` on Arrow strings loops in Python). The table must hold each key once, so that joining by these
+    positions is many-to-one and cannot multiply rows.
+    """
+    if table_keys.duplicated().any():
+        raise AssertionError(f"join key {table_keys.name!r} is not unique in its table: the join would multiply rows")
+    codes, uniques = pd.factorize(keys, sort=False)
+    value_set = pa.array(table_keys.astype("string"), type=pa.string())
+    found = pc.index_in(pa.array(pd.Series(uniques).astype("string"), type=pa.string()), value_set=value_set)
+    by_unique = found.fill_null(-1).to_numpy().astype(np.int64)
+    return codes.astype(np.int64), np.where(codes >= 0, by_unique[np.maximum(codes, 0)], -1)
+
+
+def _take(table: pd.DataFrame, columns: list[str], positions: np.ndarray) -> dict[str, pd.Series]:
+    """``columns`` of ``table`` at ``positions`` (all found), as Series with a fresh index."""
+    return {c: table[c].take(positions).reset_index(drop=True) for c in columns}
+
+
 def clean_and_merge(customers: pd.DataFrame, products: pd.DataFrame, order_lines: pd.DataFrame) -> CleanOutput:
+    """Deduplicate, normalise, net returns and join; ``stats`` reconciles every dropped row per entity."""
     customers, customer_dupes = drop_exact_duplicates(customers)
+    conflicting = customers["customer_id"].duplicated(keep="first")
+    customers = customers[~conflicting.to_numpy()].reset_index(drop=True)
     products, product_dupes = drop_exact_duplicates(products)
+    products_before = len(products)
     products = normalise_products(products)
     lines, line_dupes = drop_exact_duplicates(order_lines)
+    deduplicated = len(lines)
 
-    lines = lines.assign(
-        is_return=lines["quantity"] < 0,
-        line_amount=(lines["quantity"].astype("float64") * lines["unit_price"]).round(4),
-    )
-    before = len(lines)
-    lines = lines.merge(products[["product_id", "category"]], on="product_id", how="left", validate="many_to_one")
-    if len(lines) != before:
-        raise AssertionError(f"joining products multiplied order lines: {before} -> {len(lines)}")
+    incomplete = (lines[LINE_KEY_COLUMNS].isna().any(axis=1) | (lines["quantity"] == 0).fillna(False)).to_numpy()
+    customer_code, customer_row = key_positions(lines["customer_id"], customers["customer_id"])
+    product_code, product_row = key_positions(lines["product_id"], products["product_id"])
+    unknown_customer = ~incomplete & (customer_row < 0)
+    unknown_product = ~incomplete & ~unknown_customer & (product_row < 0)
+    keep = ~(incomplete | unknown_customer | unknown_product)
+    lines = lines[keep].reset_index(drop=True)
+
+    lines = net_returns(lines, customer_code[keep], product_code[keep])
+    quantity = lines["quantity"].to_numpy(dtype=np.int64)
+    # Joins by the positions found above: one row of products and of customers per line, by construction.
+    extra = [c for c in CUSTOMER_COLUMNS_ON_LINES if c in customers.columns and c not in lines.columns]
+    joined = pd.DataFrame({**_take(products, ["category"], product_row[keep]),
+                           **_take(customers, extra, customer_row[keep])})
+    if len(joined) != len(lines):
+        raise AssertionError(f"joining customers and products multiplied order lines: {len(lines)} -> {len(joined)}")
+    if LINE_DESCRIPTION in lines.columns and "name" in products.columns:
+        lines = lines.drop(columns=LINE_DESCRIPTION)
+        joined[LINE_DESCRIPTION] = _take(products, ["name"], product_row[keep])["name"]
+    lines = pd.concat([lines.assign(
+        is_return=quantity < 0,
+        line_amount=(quantity * lines["unit_price"].to_numpy(dtype=np.float64)).round(4),
+        unmatched_return=(quantity < 0) & (lines["netted_quantity"].to_numpy() < -quantity),
+    ), joined], axis=1)
     lines = lines.sort_values(["order_ts", "order_id", "product_id"], kind="stable", ignore_index=True)
 
-    purchased = lines.loc[~lines["is_return"], "line_amount"].sum()
-    returned = -lines.loc[lines["is_return"], "line_amount"].sum()
     stats = {
-        "customers": {"rows_in": len(customers) + customer_dupes, "exact_duplicates_dropped": customer_dupes,
-                      "rows_out": len(customers)},
-        "products": {"rows_in": len(products) + product_dupes, "exact_duplicates_dropped": product_dupes,
-                     "rows_out": len(products)},
+        "customers": {"rows_in": len(customers) + customer_dupes + int(conflicting.sum()),
+                      "exact_duplicates_dropped": customer_dupes,
+                      "conflicting_duplicates_dropped": int(conflicting.sum()), "rows_out": len(customers)},
+        "products": {"rows_in": products_before + product_dupes, "exact_duplicates_dropped": product_dupes,
+                     "conflicting_duplicates_dropped": products_before - len(products), "rows_out": len(products)},
         "order_lines": {
-            "rows_in": before + line_dupes,
+            "rows_in": deduplicated + line_dupes,
             "exact_duplicates_dropped": line_dupes,
+            "incomplete_dropped": int(incomplete.sum()),
+            "unknown_customer_dropped": int(unknown_customer.sum()),
+            "unknown_product_dropped": int(unknown_product.sum()),
             "rows_out": len(lines),
-            "return_lines": int(lines["is_return"].sum()),
-            "return_rate_by_value": float(np.round(returned / purchased, 6)) if purchased else 0.0,
+            **return_stats(lines),
         },
     }
+    for entity, counts in stats.items():
+        dropped = sum(v for k, v in counts.items() if k.endswith("_dropped"))
+        if counts["rows_in"] != counts["rows_out"] + dropped:
+            raise AssertionError(f"{entity}: {counts['rows_in']} rows in != {counts['rows_out']} out + {dropped} "
+                                 "dropped")
     return CleanOutput(customers, products, lines, stats)
 
 
-def cleaning_section(stats: dict[str, dict[str, float | int]]) -> str:
+def return_stats(lines: pd.DataFrame) -> dict[str, float | int]:
+    """Return lines, how many were netted against earlier purchases, and the return rate by value and lines."""
+    is_return = lines["is_return"].to_numpy(dtype=bool)
+    price = lines["unit_price"].to_numpy(dtype=np.float64)
+    netted = lines["netted_quantity"].to_numpy(dtype=np.int64)
+    unmatched = lines["unmatched_return"].to_numpy(dtype=bool)
+    purchased = float(lines["line_amount"].to_numpy()[~is_return].sum())
+    not_netted = -lines["quantity"].to_numpy(dtype=np.int64) - netted
+    returned_lines = lines["returned_quantity"].to_numpy()[~is_return] > 0
+    return {
+        "purchase_lines": int((~is_return).sum()),
+        "return_lines": int(is_return.sum()),
+        "unmatched_return_lines": int(unmatched.sum()),
+        "returned_units_netted": int(netted[is_return].sum()),
+        "return_rate_by_value": round(float((netted * price)[is_return].sum()) / purchased, 6) if purchased else 0.0,
+        "return_rate_by_lines": round(float(returned_lines.mean()), 6) if len(returned_lines) else 0.0,
+        "unmatched_return_value": round(float((not_netted * price)[unmatched].sum()), 2),
+    }
+
+
+def cleaning_section(stats: Stats) -> str:
+    """What a person reads: what was dropped and why, and how much comes back as returns."""
     lines = stats["order_lines"]
-    return (f"Cleaning dropped {lines['exact_duplicates_dropped']} exact duplicate order lines, "
-            f"{stats['customers']['exact_duplicates_dropped']} duplicate customers and "
-            f"{stats['products']['exact_duplicates_dropped']} duplicate products; {lines['return_lines']} lines are "
-            f"returns (return rate by value {lines['return_rate_by_value']:.2%}).")
+    rows = pd.DataFrame([
+        {"entity": entity, "rows in": counts["rows_in"],
+         **{label: counts.get(key, 0) for key, label in (
+             ("exact_duplicates_dropped", "exact duplicates"), ("conflicting_duplicates_dropped", "conflicting keys"),
+             ("incomplete_dropped", "incomplete"), ("unknown_customer_dropped", "unknown customer"),
+             ("unknown_product_dropped", "unknown product"))},
+         "rows out": counts["rows_out"]}
+        for entity, counts in stats.items()
+    ])
+    return (f"## Cleaning\n\n{markdown_table(rows)}\n\n"
+            f"{lines['return_lines']} return lines; {lines['return_lines'] - lines['unmatched_return_lines']} netted "
+            f"against the same customer's earlier purchase of the product, {lines['unmatched_return_lines']} with "
+            f"no such purchase (worth {lines['unmatched_return_value']:,.2f}; kept, not netted). Return rate "
+            f"**{lines['return_rate_by_value']:.2%}** of purchase value; {lines['return_rate_by_lines']:.2%} of "
+            "purchase lines were returned at least in part.")
 
 
-@task(name="clean")
+@stage_task("clean")
 def clean(run: RunSpec, validated: StageResult) -> StageResult:
     store = run.store
     out = clean_and_merge(*(store.read_frame(validated.ref(e)) for e in ("customers", "products", "order_lines")))

@@ -1,7 +1,9 @@
 """Features: one row per customer who has bought before the end of the as-of date, computed point-in-time.
 
-Only events with ``order_ts < as_of + 1 day`` are used, so appending later transactions changes nothing.
-Everything is a vectorised group-by; no per-customer Python.
+Only events with ``order_ts < as_of + 1 day`` are used, so appending later transactions changes nothing. A
+return counts from its own timestamp, for the units the clean stage could net against purchases made before
+it (``netted_quantity``, which depends on nothing later than the return). Everything is a vectorised
+group-by on integer codes; no per-customer Python.
 """
 
 from __future__ import annotations
@@ -10,15 +12,20 @@ from datetime import date, datetime, time, timedelta
 
 import numpy as np
 import pandas as pd
-from prefect import task
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from crm_analytics.artifacts import StageResult
 from crm_analytics.parameters import RunSpec
-from tasks.common import stage_logger
+from crm_analytics.reporting import markdown_table
+from tasks.common import stage_logger, stage_task
 
 TREND_WINDOW_DAYS = 90
 TOP_CATEGORIES = 5
 RFM_BINS = 5
+PRICE_FLOOR = 0.01  # free items and price adjustments would send log(price) to -inf
+DAY_US = 86_400 * 1_000_000
+LINE_COLUMNS = ["customer_id", "order_id", "order_ts", "unit_price", "is_return", "line_amount", "category"]
 
 
 def as_of_end(as_of: date) -> pd.Timestamp:
@@ -35,86 +42,157 @@ def quantile_score(values: pd.Series, higher_is_better: bool = True, bins: int =
     return np.ceil(ranked * bins).clip(1, bins).astype("int64")
 
 
+def _per(keys: np.ndarray, n: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Sum of ``weights`` (or a count) per integer key 0..n-1."""
+    return np.bincount(keys, weights=weights, minlength=n)[:n]
+
+
+def _dense(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes 0..m-1 of integer ``keys`` (hash-based, in order of first appearance) and each code's first row."""
+    codes = pd.factorize(keys)[0]
+    first = np.empty(int(codes.max(initial=-1)) + 1, dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # reversed: the earliest row is written last
+    return codes.astype(np.int64), first
+
+
 def build_customer_features(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: date,
                             top_categories: list[str] | None = None) -> pd.DataFrame:
-    """Per-customer RFM, tenure, basket, inter-purchase, return, trend and category-mix features as of ``as_of``.
+    """Per-customer RFM, tenure, basket, inter-purchase, price, return, trend and category-mix features as of
+    ``as_of``.
 
     ``top_categories`` fixes the category-mix columns (pass the training run's list when scoring); by default
-    the categories with the most purchase value before the boundary.
+    the categories with the most purchase value before the boundary. Monetary values are gross purchases;
+    ``monetary_net`` subtracts the returns netted against them.
     """
     end = as_of_end(as_of)
-    lines = order_lines[order_lines["order_ts"] < end]
-    purchases = lines[~lines["is_return"]]
-    returns = lines[lines["is_return"]]
+    end_us = end.value // 1000
+    columns = [c for c in LINE_COLUMNS + ["quantity", "netted_quantity"] if c in order_lines.columns]
+    ts_all = order_lines["order_ts"].to_numpy(dtype="datetime64[us]").astype(np.int64)
+    before = ts_all < end_us
+    lines = order_lines[columns] if before.all() else order_lines.loc[before, columns]
+    ts_all = ts_all[before]
+    # Customers: those with a purchase before the boundary, numbered in id order (the output's row order).
+    code, ids = pd.factorize(lines["customer_id"])
+    is_return = lines["is_return"].to_numpy(dtype=bool) & (code >= 0)
+    buy = ~lines["is_return"].to_numpy(dtype=bool) & (code >= 0)
+    bought = np.zeros(len(ids), dtype=bool)
+    bought[code[buy]] = True
+    kept = np.flatnonzero(bought)
+    by_id = np.argsort(ids[kept].to_numpy(), kind="stable")
+    customer_ids = pd.Index(ids[kept[by_id]], name="customer_id")
+    rank = np.full(len(ids), -1, dtype=np.int64)
+    rank[kept[by_id]] = np.arange(len(kept))
+    line_customer = np.where(code >= 0, rank[code], -1)  # -1: no id, or only returns before the boundary
+    customer, n = line_customer[buy], len(customer_ids)
 
-    orders = purchases.groupby(["customer_id", "order_id"], sort=False).agg(
-        order_ts=("order_ts", "min"), amount=("line_amount", "sum"), items=("product_id", "size"))
-    orders = orders.reset_index()
-    per_customer = orders.groupby("customer_id").agg(
-        frequency_orders=("order_id", "size"),
-        first_purchase=("order_ts", "min"),
-        last_purchase=("order_ts", "max"),
-        monetary_total=("amount", "sum"),
-        avg_order_value=("amount", "mean"),
-        avg_basket_size=("items", "mean"),
-    )
-    per_customer["active_days"] = orders.assign(day=orders["order_ts"].dt.floor("D")).groupby(
-        "customer_id")["day"].nunique()
+    # Orders: one per (customer, order id) among purchase lines.
+    order_code = pd.factorize(lines["order_id"])[0].astype(np.int64)[buy]
+    order_of_line, first_line = _dense(customer * (int(order_code.max(initial=0)) + 1) + order_code)
+    n_orders = len(first_line)
+    ts = ts_all[buy]
+    amount = lines["line_amount"].to_numpy(dtype=np.float64)[buy]
+    order_ts = pd.Series(ts).groupby(order_of_line).min().to_numpy()
+    order_owner = customer[first_line]
+    order_amount = _per(order_of_line, n_orders, amount)
+    order_lines_n = _per(order_of_line, n_orders)
 
-    day = pd.Timedelta(days=1)
-    recency = (end - per_customer["last_purchase"]) / day
-    span = (per_customer["last_purchase"] - per_customer["first_purchase"]) / day
-    # The mean gap between consecutive orders is the first-to-last span over the number of gaps.
-    mean_gap = (span / (per_customer["frequency_orders"] - 1)).where(per_customer["frequency_orders"] > 1)
-    signup = customers.drop_duplicates("customer_id").set_index("customer_id")["signup_date"]
-    start = pd.concat([per_customer["first_purchase"], signup.reindex(per_customer.index)], axis=1).min(axis=1)
+    frequency = _per(order_owner, n).astype(np.int64)
+    by_owner = pd.Series(order_ts).groupby(order_owner)
+    first_ts, last_ts = by_owner.min().to_numpy(), by_owner.max().to_numpy()
+    monetary = _per(order_owner, n, order_amount)
+    order_days = pd.unique(order_owner * (1 << 32) + order_ts // DAY_US) >> 32
+    active_days = _per(order_days, n).astype(np.int64)
 
-    returned_value = (-returns.groupby("customer_id")["line_amount"].sum()).reindex(per_customer.index, fill_value=0)
-    recent = purchases["order_ts"] >= end - pd.Timedelta(days=TREND_WINDOW_DAYS)
-    previous = (purchases["order_ts"] >= end - pd.Timedelta(days=2 * TREND_WINDOW_DAYS)) & ~recent
-    spend_recent = purchases[recent].groupby("customer_id")["line_amount"].sum().reindex(per_customer.index,
-                                                                                          fill_value=0.0)
-    spend_previous = purchases[previous].groupby("customer_id")["line_amount"].sum().reindex(per_customer.index,
-                                                                                              fill_value=0.0)
+    recency = (end_us - last_ts) / DAY_US
+    span = (last_ts - first_ts) / DAY_US
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # The mean gap between consecutive orders is the first-to-last span over the number of gaps.
+        mean_gap = np.where(frequency > 1, span / (frequency - 1), np.nan)
+        recency_vs_gap = np.where(mean_gap > 0, recency / mean_gap, np.nan)
+    signup = customers.drop_duplicates("customer_id")
+    row = pc.index_in(pa.array(customer_ids.astype("string"), type=pa.string()),
+                      value_set=pa.array(signup["customer_id"].astype("string"), type=pa.string()))
+    row = row.fill_null(-1).to_numpy().astype(np.int64)
+    signup_us = np.append(signup["signup_date"].to_numpy(dtype="datetime64[us]").astype(np.int64), 0)
+    known = np.append(signup["signup_date"].notna().to_numpy(), False)[row]  # row -1: the appended unknown
+    start = np.minimum(first_ts, np.where(known, signup_us[row], first_ts))
+
+    returned = _returned_value(lines, is_return, line_customer, n)
+    price = lines["unit_price"].to_numpy(dtype=np.float64)[buy]
+    recent = ts >= end_us - TREND_WINDOW_DAYS * DAY_US
+    previous = (ts >= end_us - 2 * TREND_WINDOW_DAYS * DAY_US) & ~recent
+    spend_recent = _per(customer, n, np.where(recent, amount, 0.0))
+    spend_previous = _per(customer, n, np.where(previous, amount, 0.0))
     total_spend = spend_recent + spend_previous
 
-    features = pd.DataFrame({
-        "recency_days": recency,
-        "frequency_orders": per_customer["frequency_orders"].astype("int64"),
-        "active_days": per_customer["active_days"].astype("int64"),
-        "monetary_total": per_customer["monetary_total"],
-        "avg_order_value": per_customer["avg_order_value"],
-        "avg_basket_size": per_customer["avg_basket_size"],
-        "tenure_days": (end - start) / day,
-        "mean_interpurchase_days": mean_gap,
-        "recency_vs_usual_gap": (recency / mean_gap).where(mean_gap > 0),
-        "return_rate": (returned_value / per_customer["monetary_total"]).where(per_customer["monetary_total"] > 0,
-                                                                               0.0),
-        "spend_last_90d": spend_recent,
-        "spend_prev_90d": spend_previous,
-        # In [-1, 1]: +1 all recent spend, -1 all in the previous window, 0 flat or no spend in either.
-        "trend_90d": ((spend_recent - spend_previous) / total_spend).where(total_spend > 0, 0.0),
-    }, index=per_customer.index)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        features = pd.DataFrame({
+            "recency_days": recency,
+            "frequency_orders": frequency,
+            "active_days": active_days,
+            "monetary_total": monetary,
+            "avg_order_value": monetary / frequency,
+            "avg_basket_size": _per(order_owner, n, order_lines_n) / frequency,
+            "tenure_days": (end_us - start) / DAY_US,
+            "mean_interpurchase_days": mean_gap,
+            "recency_vs_usual_gap": recency_vs_gap,
+            "return_rate": np.where(monetary > 0, returned / monetary, 0.0),
+            "spend_last_90d": spend_recent,
+            "spend_prev_90d": spend_previous,
+            # In [-1, 1]: +1 all recent spend, -1 all in the previous window, 0 flat or no spend in either.
+            "trend_90d": np.where(total_spend > 0, (spend_recent - spend_previous) / total_spend, 0.0),
+        }, index=customer_ids)
 
+    category_code, category_names = pd.factorize(lines["category"])
+    category_code = category_code[buy]
     if top_categories is None:
-        top_categories = (purchases.groupby("category")["line_amount"].sum().sort_values(ascending=False)
-                          .head(TOP_CATEGORIES).index.tolist())
-    by_category = purchases.pivot_table(index="customer_id", columns="category", values="line_amount",
-                                        aggfunc="sum", fill_value=0.0, observed=True)
-    share = by_category.div(by_category.sum(axis=1).where(lambda s: s > 0), axis=0).reindex(features.index)
-    for category in top_categories:
-        column = share[category] if category in share.columns else 0.0
-        features[f"share_{category}"] = pd.Series(column, index=features.index).fillna(0.0)
+        named = category_code >= 0
+        value = _per(category_code[named], len(category_names), amount[named])
+        present = np.flatnonzero(_per(category_code[named], len(category_names)) > 0)
+        names = category_names[present].to_numpy()
+        top = present[np.lexsort((names, -value[present]))][:TOP_CATEGORIES]  # most value first, ties by name
+        top_categories = [category_names[i] for i in top]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for name in top_categories:
+            found = category_names.get_indexer([name])[0]  # -1 when absent: must not match the NA code -1
+            spent = _per(customer, n, np.where(category_code == found, amount, 0.0)) if found >= 0 else np.zeros(n)
+            features[f"share_{name}"] = np.where(monetary > 0, spent / monetary, 0.0)
 
     features["r_score"] = quantile_score(features["recency_days"], higher_is_better=False)
     features["f_score"] = quantile_score(features["frequency_orders"])
     features["m_score"] = quantile_score(features["monetary_total"])
     features["rfm_score"] = features["r_score"] + features["f_score"] + features["m_score"]
-    features.index.name = "customer_id"
-    return features.reset_index().sort_values("customer_id", ignore_index=True)
+    # Added after the original columns so that models trained on the earlier layout keep their positions.
+    features["monetary_net"] = monetary - returned
+    features["first_purchase_days"] = (end_us - first_ts) / DAY_US
+    features["typical_unit_price"] = np.exp(_per(customer, n, np.log(np.clip(price, PRICE_FLOOR, None)))
+                                            / _per(customer, n))
+    return features.reset_index()
 
 
-@task(name="features")
+def _returned_value(lines: pd.DataFrame, is_return: np.ndarray, line_customer: np.ndarray, n: int) -> np.ndarray:
+    """Value of each customer's returns that nets against their earlier purchases (all of it without the clean
+    stage's ``netted_quantity``, e.g. on hand-made frames)."""
+    if "netted_quantity" in lines.columns:
+        value = lines["netted_quantity"].to_numpy(dtype=np.float64) * lines["unit_price"].to_numpy(np.float64)
+    else:
+        value = -lines["line_amount"].to_numpy(dtype=np.float64)
+    counted = is_return & (line_customer >= 0)  # returns of customers without purchases before have no row
+    return _per(line_customer[counted], n, value[counted])
+
+
+def features_section(table: pd.DataFrame) -> str:
+    """A short distribution summary of the main features, so a person sees tonight's population at a glance."""
+    columns = ["recency_days", "frequency_orders", "monetary_total", "avg_order_value", "avg_basket_size",
+               "mean_interpurchase_days", "typical_unit_price", "return_rate", "trend_90d"]
+    summary = table[columns].describe(percentiles=[0.25, 0.5, 0.75]).T[["mean", "25%", "50%", "75%"]]
+    summary = summary.reset_index().rename(columns={"index": "feature"})
+    repeat = float((table["frequency_orders"] > 1).mean()) if len(table) else 0.0
+    return (f"## Customer features\n\n{len(table):,} customers with a purchase before the end of the as-of date; "
+            f"{repeat:.1%} have ordered more than once.\n\n" + markdown_table(summary, "{:.2f}"))
+
+
+@stage_task("features")
 def features(run: RunSpec, cleaned: StageResult) -> StageResult:
     store = run.store
     table = build_customer_features(store.read_frame(cleaned.ref("customers")),
@@ -122,4 +200,5 @@ def features(run: RunSpec, cleaned: StageResult) -> StageResult:
     stage_logger().info("features for %d customers", len(table))
     ref = store.write_frame("features", "customer_features", table)
     return StageResult(stage="features", artifacts={"customer_features": ref},
-                       metrics={"customers": len(table), "columns": len(table.columns)})
+                       metrics={"customers": len(table), "columns": len(table.columns)},
+                       report_section=features_section(table))

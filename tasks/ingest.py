@@ -9,21 +9,32 @@ entity (customers and products from invoice lines, for exports that only have li
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from datetime import date
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from prefect import task
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.mapping import DatabaseSpec, EntitySource, MappingError, SourceMapping, load_mapping, select_files
+from crm_analytics.mapping import (
+    DatabaseSpec,
+    EntitySource,
+    MappingError,
+    SourceMapping,
+    load_mapping,
+    mapping_fingerprint,
+    resolve_mapping_path,
+    select_files,
+)
 from crm_analytics.parameters import RunSpec, as_of_end
 from crm_analytics.schema import PARSE_ERRORS, REQUIRED_COLUMNS, SOURCE_FILE, SOURCE_LINE, ColumnType
-from tasks.common import IO_RETRY, SourceSchemaError, stage_logger
+from tasks.common import IO_RETRY, SourceSchemaError, stage_logger, stage_task
 
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
@@ -198,8 +209,11 @@ def read_source_text(path: Path, source: EntitySource) -> pd.DataFrame:
     return frame
 
 
-def read_files(entity: str, source: EntitySource, landing: Path, as_of: date) -> pd.DataFrame:
-    files = select_files(landing, source, as_of)
+def read_files(entity: str, source: EntitySource, landing: Path, as_of: date,
+               files: list[Path] | None = None) -> pd.DataFrame:
+    """Every selected file as text; a file without the mapping's required columns is named in the error."""
+    files = select_files(landing, source, as_of) if files is None else files
+    required = {source.columns.get(c, c) for c in REQUIRED_COLUMNS[entity]}
     if not files:
         raise FileNotFoundError(
             f"{entity}: no file matches {source.files!r} under {landing}"
@@ -208,6 +222,9 @@ def read_files(entity: str, source: EntitySource, landing: Path, as_of: date) ->
     parts = []
     for path in files:
         text = read_source_text(path, source)
+        if missing := sorted(required - set(text.columns)):
+            raise SourceSchemaError(f"{entity}: {path} lacks required column(s) {missing}; it has "
+                                    f"{[c for c in text.columns if not c.startswith('_')]}")
         text[SOURCE_FILE] = str(path.relative_to(landing)) if path.is_relative_to(landing) else str(path)
         parts.append(text)
     expected = set(parts[0].columns)
@@ -258,11 +275,40 @@ def read_query(entity: str, source: EntitySource, spec: DatabaseSpec, as_of: dat
     return text
 
 
-def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date,
-               landing_override: str | None = None) -> dict[str, pd.DataFrame]:
-    """Every entity of the mapping, read or derived, parsed and typed."""
+class History(NamedTuple):
+    """An earlier run's parsed rows of a daily-file entity, and the state of the files they came from."""
+
+    frame: pd.DataFrame
+    files: dict[str, list[int]]  # path -> [size, mtime_ns]
+
+
+def file_states(paths: list[Path]) -> dict[str, list[int]]:
+    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in paths}
+
+
+def reusable_history(history: History | None, files: list[Path]) -> bool:
+    """An earlier run's rows can stand in for its files if each is unchanged, and every new file sorts after
+    them (a late file for an old day forces a full read, so row order equals a full read's)."""
+    if history is None or not history.files:
+        return False
+    current = file_states(files)
+    if any(current.get(path) != state for path, state in history.files.items()):
+        return False
+    last_known = max(history.files)
+    return all(path > last_known for path in current if path not in history.files)
+
+
+def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_override: str | None = None,
+               history: dict[str, History] | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
+    """Every entity of the mapping, read or derived, parsed and typed.
+
+    ``history`` (daily-file entities only) holds an earlier run's parsed rows: when its files are unchanged,
+    only the new days' files are read and parsed, and the result equals a full read.
+    Returns the frames and, per entity, the files read and how (``full`` or ``incremental``).
+    """
     landing = mapping.landing_path(data_root, landing_override)
     frames: dict[str, pd.DataFrame] = {}
+    sources: dict[str, dict] = {}
     for entity in mapping.read_order():
         source = mapping.entities[entity]
         if source.derive is not None:
@@ -270,21 +316,83 @@ def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date,
             continue
         if source.query is not None:
             text = read_query(entity, source, mapping.database, as_of)
+            frames[entity] = parse_entity(text, entity, mapping, f"{entity} query")
+            sources[entity] = {"mode": "query", "files": {}}
+            continue
+        files = select_files(landing, source, as_of)
+        previous = (history or {}).get(entity)
+        if source.daily and reusable_history(previous, files):
+            new_files = [p for p in files if str(p) not in previous.files]
+            parts = [previous.frame]
+            if new_files:
+                text = read_files(entity, source, landing, as_of, new_files)
+                parts.append(parse_entity(text, entity, mapping, f"{entity} files {source.files!r}"))
+            frames[entity] = pd.concat(parts, ignore_index=True) if len(parts) > 1 else previous.frame
+            sources[entity] = {"mode": "incremental", "new_files": len(new_files), "files": file_states(files)}
         else:
-            text = read_files(entity, source, landing, as_of)
-        frames[entity] = parse_entity(text, entity, mapping, f"{entity} source {source.files or 'query'}")
-    return frames
+            text = read_files(entity, source, landing, as_of, files)
+            frames[entity] = parse_entity(text, entity, mapping, f"{entity} files {source.files!r}")
+            sources[entity] = {"mode": "full", "files": file_states(files)}
+    return frames, sources
 
 
-@task(name="ingest", **IO_RETRY)
+def landing_fingerprint(run: RunSpec, mapping_name: str, landing_dir: str | None = None) -> str | None:
+    """What ingest reads, cheaply: the mapping's text and each selected file's name, size and change time.
+
+    ``None`` (never reuse) when an entity comes from SQL: a table's content has no cheap fingerprint.
+    """
+    mapping = load_mapping(mapping_name)
+    if any(source.query for source in mapping.entities.values()):
+        return None
+    landing = mapping.landing_path(run.data_root, landing_dir)
+    parts = [resolve_mapping_path(mapping_name).read_text()]
+    for source in mapping.entities.values():
+        if source.files:
+            for path in select_files(landing, source, run.as_of):
+                stat = path.stat()
+                parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def load_history(run: RunSpec, mapping: SourceMapping, mapping_name: str,
+                 landing_dir: str | None) -> dict[str, History]:
+    """The latest earlier complete run's raw rows of daily-file entities, if it read the same landing folder
+    through the same mapping: tonight then reads only the new days' files ("yesterday's compacted history")."""
+    previous = run.store.previous_complete()
+    if previous is None or not previous.path("raw", "sources.json").exists():
+        return {}
+    recorded = json.loads(previous.path("raw", "sources.json").read_text())
+    landing = str(mapping.landing_path(run.data_root, landing_dir))
+    if recorded.get("mapping") != mapping_fingerprint(mapping_name) or recorded.get("landing") != landing:
+        return {}
+    history = {}
+    for entity, source in mapping.entities.items():
+        raw = previous.path("raw", f"{entity}.parquet")
+        files = recorded.get("entities", {}).get(entity, {}).get("files")
+        if source.daily and files and raw.exists():
+            history[entity] = History(pq.read_table(raw).to_pandas(), files)
+    return history
+
+
+@stage_task("ingest", fingerprint_extra=landing_fingerprint, **IO_RETRY)
 def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None) -> StageResult:
     """Read every entity through the mapping into ``raw/<entity>.parquet``."""
     log = stage_logger()
     mapping = load_mapping(mapping_name)
     store = run.store
+    frames, sources = ingest_all(mapping, run.data_root, run.as_of, landing_dir,
+                                 history=load_history(run, mapping, mapping_name, landing_dir))
     artifacts, metrics = {}, {}
-    for entity, frame in ingest_all(mapping, run.data_root, run.as_of, landing_dir).items():
+    for entity, frame in frames.items():
         artifacts[entity] = store.write_frame("raw", entity, frame)
         metrics[entity] = ingest_metrics(frame, entity, mapping.entities[entity])
-        log.info("ingested %s: %d rows from %d source(s)", entity, len(frame), metrics[entity]["files"])
+        if entity in sources:
+            metrics[entity]["read"] = sources[entity]["mode"]
+        log.info("ingested %s: %d rows from %d source(s) (%s)", entity, len(frame), metrics[entity]["files"],
+                 sources.get(entity, {}).get("mode", "derived"))
+    artifacts["sources"] = store.write_json("raw", "sources", {
+        "mapping": mapping_fingerprint(mapping_name),
+        "landing": str(mapping.landing_path(run.data_root, landing_dir)),
+        "entities": sources,
+    })
     return StageResult(stage="ingest", artifacts=artifacts, metrics={"mapping": mapping.name, "entities": metrics})

@@ -7,6 +7,8 @@ reasons it failed and its source file and line), so ``rows in = valid + quaranti
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 from collections import Counter
@@ -15,16 +17,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pandas as pd
-from prefect import task
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.mapping import load_mapping
+from crm_analytics.mapping import load_mapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec, ValidationOptions, as_of_end
 from crm_analytics.privacy import pseudonym_key, pseudonymise
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON
 from crm_analytics.settings import get_settings
-from tasks.common import DataQualityError, PermanentError, stage_logger
+from tasks.common import DataQualityError, PermanentError, stage_logger, stage_task
 
 UNIQUENESS_EXPECTATIONS = {"expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique"}
 
@@ -137,7 +138,13 @@ def quality_section(metrics: dict[str, dict[str, Any]]) -> str:
 
 
 # ---- IO edge ------------------------------------------------------------------------------------------------
-@task(name="validate")
+def _validate_fingerprint(run: RunSpec, mapping_name: str, **_: Any) -> str:
+    # The mapping (pii, gates) and the pseudonym key shape the outputs; the key enters only as an HMAC.
+    probe = hmac.new(pseudonym_key(run.data_root), b"fingerprint", hashlib.sha256).hexdigest()[:16]
+    return f"{mapping_fingerprint(mapping_name)}:{probe}"
+
+
+@stage_task("validate", fingerprint_extra=_validate_fingerprint)
 def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, mapping_name: str) -> StageResult:
     """Validate customers and products first, then order lines and labels against the valid ids.
 

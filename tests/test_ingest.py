@@ -79,7 +79,42 @@ def test_daily_files_after_the_as_of_date_are_not_read(tmp_path):
 
 def test_ingest_of_the_generated_export_keeps_every_row(sample_root):
     mapping = load_mapping("sample")
-    frame = ingest_all(mapping, sample_root, date(2025, 12, 31))["order_lines"]
+    frame = ingest_all(mapping, sample_root, date(2025, 12, 31))[0]["order_lines"]
     on_disk = sum(len(pd.read_csv(p, dtype=str)) for p in (sample_root / "landing" / "order_lines").glob("*.csv"))
     assert len(frame) == on_disk
     assert frame["_source_file"].str.startswith("order_lines/").all()
+
+
+def _copy_export(sample_root, tmp_path):
+    import shutil
+
+    shutil.copytree(sample_root / "landing", tmp_path / "landing")
+    return tmp_path
+
+
+def test_incremental_read_equals_a_full_read(sample_root, tmp_path):
+    from tasks.ingest import History
+
+    root = _copy_export(sample_root, tmp_path)
+    mapping = load_mapping("sample")
+    yesterday, yesterday_sources = ingest_all(mapping, root, date(2025, 12, 30))
+    history = {"order_lines": History(yesterday["order_lines"], yesterday_sources["order_lines"]["files"])}
+    tonight, sources = ingest_all(mapping, root, date(2025, 12, 31), history=history)
+    full, _ = ingest_all(mapping, root, date(2025, 12, 31))
+    assert sources["order_lines"]["mode"] == "incremental" and sources["order_lines"]["new_files"] == 1
+    for entity in full:
+        pd.testing.assert_frame_equal(tonight[entity], full[entity])
+
+
+def test_a_changed_or_late_old_file_forces_a_full_read(sample_root, tmp_path):
+    from tasks.ingest import History
+
+    root = _copy_export(sample_root, tmp_path)
+    mapping = load_mapping("sample")
+    yesterday, yesterday_sources = ingest_all(mapping, root, date(2025, 12, 30))
+    history = {"order_lines": History(yesterday["order_lines"], yesterday_sources["order_lines"]["files"])}
+    late = root / "landing" / "order_lines" / "2025-06-15.csv"   # an old day re-sent with one more line
+    late.write_text(late.read_text() + "O999999999,C0000001,2025-06-15 10:00:00,P00001,1,2.50\n")
+    tonight, sources = ingest_all(mapping, root, date(2025, 12, 31), history=history)
+    assert sources["order_lines"]["mode"] == "full"
+    assert (tonight["order_lines"]["order_id"] == "O999999999").sum() == 1

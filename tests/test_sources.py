@@ -80,7 +80,7 @@ def test_sqlite_source_through_a_mapping(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'crm.db'}"
     _load_tables(url)
     monkeypatch.setenv("TEST_CRM_DB_URL", url)
-    _check_sql_ingest(ingest_all(load_mapping(_sql_mapping(tmp_path)), tmp_path, AS_OF))
+    _check_sql_ingest(ingest_all(load_mapping(_sql_mapping(tmp_path)), tmp_path, AS_OF)[0])
 
 
 def test_missing_database_url_is_a_clear_mapping_error(tmp_path, monkeypatch):
@@ -134,7 +134,7 @@ def test_postgresql_source_through_a_mapping(tmp_path, monkeypatch, postgres_url
     url, password = postgres_url
     _load_tables(url)
     monkeypatch.setenv("TEST_CRM_DB_URL", url)
-    frames = ingest_all(load_mapping(_sql_mapping(tmp_path)), tmp_path, AS_OF)
+    frames, _ = ingest_all(load_mapping(_sql_mapping(tmp_path)), tmp_path, AS_OF)
     _check_sql_ingest(frames)
     for frame in frames.values():  # the credential never lands in what ingest produces
         assert not frame.astype("string").apply(lambda c: c.str.contains(password, regex=False)).any().any()
@@ -153,7 +153,7 @@ def test_postgresql_query_can_bound_by_the_as_of_date(tmp_path, monkeypatch, pos
         "SELECT invoice, cid, ts, sku, qty, price FROM order_lines WHERE ts < :as_of_end ORDER BY invoice, sku")
     path.write_text(yaml.safe_dump(mapping))
     monkeypatch.setenv("TEST_CRM_DB_URL", url)
-    lines = ingest_all(load_mapping(path), tmp_path, AS_OF)["order_lines"]
+    lines = ingest_all(load_mapping(path), tmp_path, AS_OF)[0]["order_lines"]
     assert lines["order_id"].tolist() == ["o1", "o1", "o2"]  # o3 is dated after the as-of date
 
 
@@ -179,7 +179,7 @@ def test_customers_and_products_are_derived_from_invoice_lines(tmp_path):
                             quantity="Qty", unit_price="Price", description="Desc")
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(mapping))
-    frames = ingest_all(load_mapping(path), tmp_path, date(2010, 12, 31))
+    frames, _ = ingest_all(load_mapping(path), tmp_path, date(2010, 12, 31))
     customers = frames["customers"].set_index("customer_id")
     assert customers.index.tolist() == ["13047", "17850"]                  # the ".0" is stripped by the mapping
     assert customers.loc["17850", "signup_date"] == pd.Timestamp("2010-12-01 08:26", tz="UTC")
@@ -209,14 +209,17 @@ def test_a_landing_file_with_different_columns_is_named(tmp_path):
     (landing / "2025-01-02.csv").write_text("order_id,customer,order_ts,product_id,quantity,unit_price\n")
     (tmp_path / "landing" / "customers.csv").write_text("customer_id,signup_date\n")
     (tmp_path / "landing" / "products.csv").write_text("product_id,category\n")
-    with pytest.raises(SourceSchemaError, match="2025-01-02.csv has columns"):
+    with pytest.raises(SourceSchemaError, match=r"2025-01-02.csv lacks required column\(s\) \['customer_id'\]"):
         ingest_all(load_mapping("sample"), tmp_path, date(2025, 1, 2))
 
 
 # ---- retries: transient errors are retried with backoff, permanent ones fail at once ---------------------------
 @pytest.mark.integration
-def test_transient_read_errors_are_retried_and_permanent_ones_are_not(sample_root, prefect_server, monkeypatch):
+def test_transient_read_errors_are_retried_and_permanent_ones_are_not(sample_root, prefect_server, monkeypatch,
+                                                                    tmp_path):
     import tasks.ingest as ingest_module
+
+    shutil.copytree(sample_root / "landing", tmp_path / "landing")  # no earlier run here: ingest must read
 
     real_read_files = ingest_module.read_files
     calls = {"n": 0}
@@ -229,7 +232,7 @@ def test_transient_read_errors_are_retried_and_permanent_ones_are_not(sample_roo
 
     monkeypatch.setattr(ingest_module, "read_files", flaky)
     fast = ingest_module.ingest.with_options(retry_delay_seconds=[0.1, 0.2, 0.4])
-    result = fast(RunSpec(data_root=sample_root, as_of=date(2025, 12, 31)), "sample")
+    result = fast(RunSpec(data_root=tmp_path, as_of=date(2025, 12, 31)), "sample")
     assert result.metrics["entities"]["order_lines"]["rows"] > 0
     assert calls["n"] >= 3  # two failures, then every entity read
 
@@ -241,5 +244,5 @@ def test_transient_read_errors_are_retried_and_permanent_ones_are_not(sample_roo
 
     monkeypatch.setattr(ingest_module, "read_files", broken)
     with pytest.raises(SourceSchemaError, match="signup_date"):
-        fast(RunSpec(data_root=sample_root, as_of=date(2025, 12, 30)), "sample")
+        fast(RunSpec(data_root=tmp_path, as_of=date(2025, 12, 30)), "sample")
     assert calls["n"] == 1

@@ -1,0 +1,122 @@
+"""Backfill: run the pipeline for every date of a range, each date its own visible flow run.
+
+Prefect has no native backfill. This flow walks ``[start, end]`` by day, week or month, skips dates already
+complete with the same parameters (their manifest carries the same idempotency key) unless ``force``,
+runs the rest with at most ``concurrency`` dates at a time, keeps going when a date fails, and ends with a
+summary table. Each date runs as a child flow run named ``customer-analytics-<date>``; a retried backfill
+redoes nothing that completed, and a date interrupted half-way resumes from its last completed stage.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import date, timedelta
+from typing import Literal
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from crm_analytics.artifacts import RunStore
+from crm_analytics.parameters import PipelineOptions
+from flows.customer_analytics import completed_key, customer_analytics, data_root_of, idempotency_key
+
+Step = Literal["day", "week", "month"]
+MAX_CONCURRENCY = 8
+
+
+class BackfillFailed(RuntimeError):
+    """Some dates of a backfill failed; the others completed or were skipped."""
+
+
+def backfill_dates(start: date, end: date, step: Step = "day") -> list[date]:
+    """Dates from ``start`` to ``end`` inclusive. Monthly steps keep the day of month, clipped to the month's end
+    (Jan 31 -> Feb 28 -> Mar 31), so a month-end backfill stays on month ends."""
+    if end < start:
+        raise ValueError(f"backfill end {end} is before its start {start}")
+    if step == "day":
+        return [start + timedelta(days=i) for i in range((end - start).days + 1)]
+    if step == "week":
+        return [start + timedelta(weeks=i) for i in range((end - start).days // 7 + 1)]
+    dates, months = [], 0
+    while True:
+        stamp = pd.Timestamp(start) + pd.DateOffset(months=months)
+        if start.day > stamp.day or (pd.Timestamp(start).is_month_end and not stamp.is_month_end):
+            stamp = stamp + pd.offsets.MonthEnd(0)
+        if stamp.date() > end:
+            return dates
+        dates.append(stamp.date())
+        months += 1
+
+
+@task(name="run-date", cache_policy=NO_CACHE)
+def run_date(as_of: date, options: PipelineOptions) -> str:
+    """One date of the backfill, as a child flow run of its own."""
+    return customer_analytics(as_of=as_of, options=options)
+
+
+@flow(name="customer-analytics-backfill", flow_run_name="backfill-{start}-to-{end}-by-{step}",
+      task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENCY), log_prints=True)
+def backfill(start: date, end: date, step: Step = "day", concurrency: int = 1, force: bool = False,
+             options: PipelineOptions = PipelineOptions()) -> dict[str, list[str]]:
+    """Run every date of ``[start, end]``.
+
+    Args:
+        start: first as-of date.
+        end: last as-of date (inclusive).
+        step: day, week or month between dates.
+        concurrency: dates run at the same time (1 to 8; each date also holds its own lock).
+        force: rerun dates that are already complete with the same parameters.
+        options: the pipeline options used for every date.
+    """
+    log = get_run_logger()
+    concurrency = max(1, min(concurrency, MAX_CONCURRENCY))
+    root = data_root_of(options)
+    summary: dict[str, list[str]] = {"ran": [], "skipped": [], "failed": []}
+    todo = []
+    for as_of in backfill_dates(start, end, step):
+        if not force and completed_key(RunStore(root, as_of)) == idempotency_key(as_of, options):
+            summary["skipped"].append(as_of.isoformat())
+        else:
+            todo.append(as_of)
+    log.info("backfill %s..%s by %s: %d to run, %d already complete", start, end, step, len(todo),
+             len(summary["skipped"]))
+
+    running: dict[date, PrefectFuture] = {}
+    errors: dict[str, str] = {}
+
+    def collect(finished: list[date]) -> None:
+        for as_of in finished:
+            future = running.pop(as_of)
+            try:
+                future.result()
+                summary["ran"].append(as_of.isoformat())
+            except Exception as exc:  # noqa: BLE001 - one date's failure must not stop the others
+                summary["failed"].append(as_of.isoformat())
+                errors[as_of.isoformat()] = str(exc).splitlines()[0][:300]
+                log.error("backfill date %s failed: %s", as_of, errors[as_of.isoformat()])
+
+    for as_of in todo:
+        while len(running) >= concurrency:
+            collect([d for d, f in running.items() if f.state.is_final()])
+            time.sleep(0.2)
+        running[as_of] = run_date.submit(as_of, options)
+    while running:
+        collect([d for d, f in running.items() if f.state.is_final()])
+        time.sleep(0.2)
+
+    rows = ([{"as_of": d, "outcome": "ran", "detail": ""} for d in summary["ran"]]
+            + [{"as_of": d, "outcome": "skipped", "detail": "already complete"} for d in summary["skipped"]]
+            + [{"as_of": d, "outcome": "failed", "detail": errors[d]} for d in summary["failed"]])
+    create_table_artifact(table=sorted(rows, key=lambda r: r["as_of"]), key="customer-analytics-backfill",
+                          description=f"Backfill {start}..{end} by {step}: {len(summary['ran'])} ran, "
+                          f"{len(summary['skipped'])} skipped, {len(summary['failed'])} failed")
+    print(f"backfill summary: ran {len(summary['ran'])}, skipped {len(summary['skipped'])}, "
+          f"failed {len(summary['failed'])}")
+    if summary["failed"]:
+        raise BackfillFailed(f"{len(summary['failed'])} of {len(todo)} dates failed: "
+                             + "; ".join(f"{d}: {errors[d]}" for d in summary["failed"]))
+    return summary
