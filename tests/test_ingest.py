@@ -118,3 +118,18 @@ def test_a_changed_or_late_old_file_forces_a_full_read(sample_root, tmp_path):
     tonight, sources = ingest_all(mapping, root, date(2025, 12, 31), history=history)
     assert sources["order_lines"]["mode"] == "full"
     assert (tonight["order_lines"]["order_id"] == "O999999999").sum() == 1
+
+
+def test_parquet_sources_are_read_as_text_and_typed_like_csv(tmp_path):
+    frame = pd.DataFrame({"id": [1, 2], "joined": ["2024-01-01", "not a date"]})
+    frame.to_parquet(tmp_path / "customers.parquet")
+    text = read_source_text(tmp_path / "customers.parquet", EntitySource(files="customers.parquet", format="parquet"))
+    assert text["id"].tolist() == ["1", "2"] and text["_source_line"].tolist() == [2, 3]
+    mapping = SourceMapping(entities={
+        "customers": EntitySource(files="customers.parquet", format="parquet",
+                                  columns={"customer_id": "id", "signup_date": "joined"}),
+        "products": EntitySource(files="p.csv"), "order_lines": EntitySource(files="o.csv")})
+    text["_source_file"] = "customers.parquet"
+    parsed = parse_entity(text, "customers", mapping)
+    assert parsed["signup_date"].iloc[0] == pd.Timestamp("2024-01-01", tz="UTC")
+    assert parsed["_parse_errors"].iloc[1] == "signup_date='not a date'"

@@ -49,7 +49,9 @@ def test_each_bad_order_line_is_quarantined_with_its_reason():
 
 
 def _customers(rows):
-    frame = pd.DataFrame(rows, columns=["customer_id", "signup_date", "birth_year"])
+    rows = [(*row, "F") if len(row) == 3 else row for row in rows]
+    frame = pd.DataFrame(rows, columns=["customer_id", "signup_date", "birth_year", "gender"])
+    frame["gender"] = frame["gender"].astype("string")
     frame["signup_date"] = pd.to_datetime(frame["signup_date"], utc=True)
     frame["birth_year"] = frame["birth_year"].astype("Int64")
     frame["customer_id"] = frame["customer_id"].astype("string")
@@ -83,3 +85,11 @@ def test_gate_names_entity_rate_and_top_reasons():
 
 def test_gate_passes_at_the_threshold():
     assert check_quarantine_rate("customers", 100, 5, {}, 0.05) == pytest.approx(0.05)
+
+
+def test_values_outside_an_allowed_set_are_quarantined():
+    customers = _customers([("c1", "2024-01-01", 1980, "F"), ("c2", "2024-01-01", 1980, "female"),
+                            ("c3", "2024-01-01", 1980, None)])
+    outcome = validate_entity(customers, load_suite("customers"), suite_parameters(date(2025, 1, 31)))
+    assert outcome.valid["customer_id"].tolist() == ["c1", "c3"]  # a missing optional value is not an error
+    assert outcome.quarantine[QUARANTINE_REASON].tolist() == ["gender is not one of F, M, U, X"]
