@@ -104,7 +104,7 @@ def customer_analytics(as_of: date | None = None, options: PipelineOptions = Pip
         cleaned = clean(run, validated)
         featured = features(run, cleaned)
         segmented = segment(run, featured, options.segments, options.seed)
-        churned = churn(run, cleaned, options.churn, options.seed)
+        churned = churn(run, cleaned, options.churn, options.seed, validated)
         mined = rules(run, cleaned, options.rules)
         results = [ingested, validated, cleaned, featured, segmented, churned, mined]
         results.append(report(run, results))

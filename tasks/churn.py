@@ -1193,8 +1193,16 @@ def publish(run: RunSpec, out: ChurnOutput, input_hashes: dict[str, str]) -> Sta
 
 
 @stage_task("churn", fingerprint_extra=previous_run_state("churn"))
-def churn(run: RunSpec, cleaned: StageResult, options: ChurnOptions, seed: int) -> StageResult:
+def churn(run: RunSpec, cleaned: StageResult, options: ChurnOptions, seed: int,
+          validated: StageResult | None = None) -> StageResult:
+    """Explicit labels when the mapping supplies a ``churn_labels`` entity; otherwise labels from transactions."""
     store = run.store
+    if validated is not None and "churn_labels" in validated.artifacts:
+        customers_ref, labels_ref = cleaned.ref("customers"), validated.ref("churn_labels")
+        labels = store.read_frame(labels_ref, columns=[ID, "churned"])
+        table = store.read_frame(customers_ref).merge(labels, on=ID, how="inner", validate="one_to_one")
+        return explicit_stage(run, table, "churned", ID, options, seed,
+                              {"customers": customers_ref.content_hash, "churn_labels": labels_ref.content_hash})
     champion, why_not = load_champion(store.previous_complete(), "transactions")
     refs = {name: cleaned.ref(name) for name in ("customers", "order_lines")}
     out = train_and_score(store.read_frame(refs["customers"]), store.read_frame(refs["order_lines"]), run.as_of,

@@ -94,3 +94,32 @@ def test_no_personal_data_leaves_raw(completed_run):
         texts = [str(a.data) for a in client.read_artifacts()] + [log.message for log in client.read_logs()]
     assert texts
     assert not any(email in text for text in texts for email in emails)
+
+
+def test_explicit_churn_labels_from_the_mapping_drive_the_churn_stage(sample_root, prefect_server, tmp_path):
+    """A business that knows churn (contract cancellations) supplies labels; the churn stage uses them."""
+    import shutil
+
+    import yaml
+
+    from crm_analytics.mapping import PACKAGED_MAPPINGS
+    from flows.customer_analytics import customer_analytics
+
+    shutil.copytree(sample_root / "landing", tmp_path / "landing")
+    truth = pd.read_parquet(sample_root / "truth" / "customers.parquet")
+    labels = pd.DataFrame({"customer_id": truth["customer_id"],
+                           "cancelled": (truth["churn_ts"] < pd.Timestamp(AS_OF)).map({True: "yes", False: "no"})})
+    labels.to_csv(tmp_path / "landing" / "contracts.csv", index=False)
+    mapping = yaml.safe_load((PACKAGED_MAPPINGS / "sample.yaml").read_text())
+    mapping["entities"]["churn_labels"] = {"files": "contracts.csv", "columns": {"churned": "cancelled"}}
+    (tmp_path / "with_labels.yaml").write_text(yaml.safe_dump(mapping))
+
+    customer_analytics(as_of=AS_OF, options=PipelineOptions(data_root=str(tmp_path),
+                                                            mapping=str(tmp_path / "with_labels.yaml")))
+    run_dir = tmp_path / "runs" / f"as_of={AS_OF}"
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    assert manifest["reconciliation"]["churn_labels"]["rows_in"] == len(labels)
+    metrics = json.loads((run_dir / "churn" / "metrics.json").read_text())
+    assert metrics["label_source"] == "explicit"
+    scores = pd.read_parquet(run_dir / "churn" / "scores.parquet")
+    assert len(scores) > 0 and scores["churn_probability"].between(0, 1).all()
