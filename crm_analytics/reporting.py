@@ -3,6 +3,9 @@ and figures with these; the report stage only assembles them."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and workers
@@ -29,9 +32,21 @@ def markdown_table(frame: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
     return "\n".join([header, rule, *rows])
 
 
+# pyplot and matplotlib's text parser keep global state: two runs drawing at once in one process (a backfill
+# with concurrency > 1) corrupt each other's figures. Drawing and saving happen under this lock.
+_PLOT_LOCK = threading.RLock()
+
+
 def save_figure(store: RunStore, stage: str, name: str, figure: plt.Figure) -> ArtifactRef:
     """Write a figure to ``report/figures/<stage>_<name>.png`` (atomically) and close it."""
-    ref = store.write_with("report", f"figures/{stage}_{name}.png", "png",
-                           lambda path: figure.savefig(path, format="png", dpi=110))
-    plt.close(figure)
+    with _PLOT_LOCK:
+        ref = store.write_with("report", f"figures/{stage}_{name}.png", "png",
+                               lambda path: figure.savefig(path, format="png", dpi=110))
+        plt.close(figure)
     return ref
+
+
+def save_figures(store: RunStore, stage: str, draw: Callable[[], dict[str, plt.Figure]]) -> dict[str, ArtifactRef]:
+    """Draw a stage's figures and save them, holding the plotting lock throughout; keys are ``figure_<name>``."""
+    with _PLOT_LOCK:
+        return {f"figure_{name}": save_figure(store, stage, name, figure) for name, figure in draw().items()}

@@ -58,7 +58,7 @@ from threadpoolctl import threadpool_limits
 
 from crm_analytics.artifacts import RunStore, StageResult, code_version
 from crm_analytics.parameters import ChurnOptions, RunSpec
-from crm_analytics.reporting import markdown_table, save_figure
+from crm_analytics.reporting import markdown_table, save_figures
 from tasks.common import previous_run_state, stage_logger, stage_task
 from tasks.features import as_of_end, build_customer_features
 
@@ -1180,9 +1180,9 @@ def publish(run: RunSpec, out: ChurnOutput, input_hashes: dict[str, str]) -> Sta
     if len(out.gaps):
         artifacts["interpurchase_gaps"] = store.write_frame("churn", "interpurchase_gaps", out.gaps.to_frame())
     advice = out.metrics.get("horizon") or {}
-    for name, figure in churn_figures(out.validation_predictions, out.calibration, out.importances, out.gaps,
-                                      out.metrics.get("horizon_days"), advice.get("suggested_horizon_days")).items():
-        artifacts[f"figure_{name}"] = save_figure(store, "churn", name, figure)
+    artifacts.update(save_figures(store, "churn", lambda: churn_figures(
+        out.validation_predictions, out.calibration, out.importances, out.gaps, out.metrics.get("horizon_days"),
+        advice.get("suggested_horizon_days"))))
     v = out.metrics["validation"]
     summary = {k: out.metrics.get(k) for k in ("label_source", "chosen_model", "challenger_model", "promoted",
                                                "horizon_days", "train_cutoff", "validation_cutoff")}

@@ -39,7 +39,7 @@ from scipy import sparse
 
 from crm_analytics.artifacts import StageResult
 from crm_analytics.parameters import RulesOptions, RunSpec
-from crm_analytics.reporting import markdown_table, save_figure
+from crm_analytics.reporting import markdown_table, save_figures
 from tasks.common import PermanentError, stage_logger, stage_task
 from tasks.features import as_of_end
 
@@ -838,7 +838,6 @@ def rules(run: RunSpec, cleaned: StageResult, options: RulesOptions) -> StageRes
                                              _lists_of_strings(out.recommendations)),
     }
     if not out.rules.empty:
-        artifacts["figure_support_confidence"] = save_figure(store, "rules", "support_confidence",
-                                                             rules_figure(out.rules))
+        artifacts.update(save_figures(store, "rules", lambda: {"support_confidence": rules_figure(out.rules)}))
     return StageResult(stage="rules", artifacts=artifacts, metrics=out.stats,
                        report_section=rules_section(out, options))

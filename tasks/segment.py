@@ -47,7 +47,7 @@ from threadpoolctl import threadpool_limits
 
 from crm_analytics.artifacts import RunStore, StageResult, file_sha256
 from crm_analytics.parameters import RunSpec, SegmentOptions
-from crm_analytics.reporting import markdown_table, save_figure
+from crm_analytics.reporting import markdown_table, save_figures
 from tasks.common import stage_logger, stage_task
 
 LOG, SQRT, LINEAR = "log", "sqrt", "linear"
@@ -672,8 +672,7 @@ def segment(run: RunSpec, featured: StageResult, options: SegmentOptions, seed: 
     }
     if out.model is not None:
         artifacts["model"] = store.write_with("segments", "model.skops", "model", lambda p: sio.dump(out.model, p))
-    for name, figure in segment_figures(out).items():
-        artifacts[f"figure_{name}"] = save_figure(store, "segments", name, figure)
+    artifacts.update(save_figures(store, "segments", lambda: segment_figures(out)))
     chosen = out.silhouette.loc[out.silhouette["chosen"].astype(bool)]
     sizes = dict(zip(out.profiles["segment_name"], out.profiles["customers"].astype(int), strict=True))
     metrics = {
