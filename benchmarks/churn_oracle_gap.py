@@ -23,10 +23,9 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crm_analytics.parameters import ChurnOptions  # noqa: E402
-from crm_analytics.sample_data import GeneratorConfig, generate, true_churn_probability  # noqa: E402
+from crm_analytics.sample_data import GeneratorConfig, generate  # noqa: E402
 from tasks.churn import train_and_score  # noqa: E402
-from tasks.features import as_of_end  # noqa: E402
-from tests.churn_support import clean_frames  # noqa: E402
+from tests.churn_support import clean_frames, oracle_auc  # noqa: E402
 
 
 def oracle_gap(root: Path, as_of: date, options: ChurnOptions, seed: int) -> dict[str, float]:
@@ -37,11 +36,7 @@ def oracle_gap(root: Path, as_of: date, options: ChurnOptions, seed: int) -> dic
     seconds = time.perf_counter() - started
     validation = out.validation_predictions.set_index("customer_id")
     cutoff = date.fromisoformat(out.metrics["validation_cutoff"])
-    purchases = lines[(lines["order_ts"] < as_of_end(cutoff)) & ~lines["is_return"]]
-    last = purchases.groupby("customer_id")["order_ts"].max().loc[validation.index]
-    truth = pd.read_parquet(root / "truth" / "customers.parquet")
-    true_p = true_churn_probability(truth, last, as_of_end(cutoff), options.horizon_days)
-    oracle = roc_auc_score(validation["churned"], true_p)
+    oracle = oracle_auc(root, lines, validation, cutoff, options.horizon_days)
     model = roc_auc_score(validation["churned"], validation["probability"])
     row = {"oracle_auc": oracle, "model_auc": model, "gap": oracle - model, "chosen": out.metrics["chosen_model"],
            "validation_customers": len(validation), "train_rows": out.metrics["train_rows"], "seconds": seconds}

@@ -71,3 +71,19 @@ def telco_table() -> pd.DataFrame | None:
         return None
     path = Path(str(dist.locate_file("classification_model/datasets/train.csv")))
     return pd.read_csv(path, dtype={"seniorcitizen": "int64"}).drop_duplicates("customerid", ignore_index=True)
+
+
+def oracle_auc(root, lines, validation, cutoff, horizon_days: int) -> float:
+    """ROC AUC that the generator's true churn probabilities reach on the validation customers (indexed by
+    customer_id, with a ``churned`` column): the Bayes ceiling a churn model is judged against."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from crm_analytics.parameters import as_of_end
+    from crm_analytics.sample_data import true_churn_probability
+
+    purchases = lines[(lines["order_ts"] < as_of_end(cutoff)) & ~lines["is_return"]]
+    last = purchases.groupby("customer_id")["order_ts"].max().loc[validation.index]
+    truth = pd.read_parquet(root / "truth" / "customers.parquet")
+    true_p = true_churn_probability(truth, last, as_of_end(cutoff), horizon_days)
+    return float(roc_auc_score(validation["churned"], true_p))

@@ -10,8 +10,7 @@ from sklearn.metrics import roc_auc_score
 from crm_analytics.parameters import ChurnOptions
 from crm_analytics.sample_data import GeneratorConfig, generate, seasonal_factor, true_churn_probability
 from tasks.churn import train_and_score
-from tasks.features import as_of_end
-from tests.churn_support import clean_frames
+from tests.churn_support import clean_frames, oracle_auc
 
 DAY_SECONDS = 86_400.0
 
@@ -68,13 +67,8 @@ def test_held_out_auc_stays_close_to_the_true_probabilities(tmp_path):
 
     validation = out.validation_predictions.set_index("customer_id")
     cutoff = date.fromisoformat(out.metrics["validation_cutoff"])
-    purchases = lines[(lines["order_ts"] < as_of_end(cutoff)) & ~lines["is_return"]]
-    last = purchases.groupby("customer_id")["order_ts"].max().loc[validation.index]
-    truth = pd.read_parquet(tmp_path / "truth" / "customers.parquet")
-    true_p = true_churn_probability(truth, last, as_of_end(cutoff), options.horizon_days)
-
-    oracle_auc = roc_auc_score(validation["churned"], true_p)
+    ceiling = oracle_auc(tmp_path, lines, validation, cutoff, options.horizon_days)
     model_auc = roc_auc_score(validation["churned"], validation["probability"])
     assert model_auc == pytest.approx(out.metrics["validation"]["roc_auc"])
-    assert oracle_auc - model_auc <= 0.035, (oracle_auc, model_auc)
-    assert model_auc < oracle_auc + 0.01  # a model far above the Bayes ceiling would mean leakage
+    assert ceiling - model_auc <= 0.035, (ceiling, model_auc)
+    assert model_auc < ceiling + 0.01  # a model far above the Bayes ceiling would mean leakage
