@@ -57,10 +57,10 @@ from sklearn.utils.class_weight import compute_sample_weight
 from threadpoolctl import threadpool_limits
 
 from crm_analytics.artifacts import RunStore, StageResult, code_version
-from crm_analytics.parameters import ChurnOptions, RunSpec
+from crm_analytics.parameters import ChurnOptions, RunSpec, as_of_end
 from crm_analytics.reporting import markdown_table, save_figures
 from tasks.common import previous_run_state, stage_logger, stage_task
-from tasks.features import as_of_end, build_customer_features
+from tasks.features import build_customer_features
 
 LABEL = "churned"
 ID = "customer_id"

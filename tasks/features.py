@@ -8,7 +8,7 @@ group-by on integer codes; no per-customer Python.
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timedelta
+from datetime import date
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.parameters import RunSpec
+from crm_analytics.parameters import RunSpec, as_of_end
 from crm_analytics.reporting import markdown_table
 from tasks.common import stage_logger, stage_task
 
@@ -27,10 +27,6 @@ PRICE_FLOOR = 0.01  # free items and price adjustments would send log(price) to 
 DAY_US = 86_400 * 1_000_000
 LINE_COLUMNS = ["customer_id", "order_id", "order_ts", "unit_price", "is_return", "line_amount", "category"]
 
-
-def as_of_end(as_of: date) -> pd.Timestamp:
-    """The first instant after the as-of date (UTC): the point-in-time boundary of a run."""
-    return pd.Timestamp(datetime.combine(as_of + timedelta(days=1), time()), tz="UTC")
 
 
 def quantile_score(values: pd.Series, higher_is_better: bool = True, bins: int = RFM_BINS) -> pd.Series:

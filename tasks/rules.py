@@ -38,10 +38,9 @@ from mlxtend.frequent_patterns.fpgrowth import fpg_step
 from scipy import sparse
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.parameters import RulesOptions, RunSpec
+from crm_analytics.parameters import RulesOptions, RunSpec, as_of_end
 from crm_analytics.reporting import markdown_table, save_figures
 from tasks.common import PermanentError, stage_logger, stage_task
-from tasks.features import as_of_end
 
 ITEM_COLUMNS = {"product": "product_id", "category": "category"}
 ORDER_LINE_COLUMNS = ["order_id", "customer_id", "order_ts", "product_id", "category", "quantity", "is_return",

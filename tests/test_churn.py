@@ -8,7 +8,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
-from crm_analytics.parameters import ChurnOptions
+from crm_analytics.parameters import ChurnOptions, as_of_end
 from tasks.churn import (
     LABEL,
     BalancedClassifier,
@@ -39,7 +39,6 @@ from tasks.churn import (
     top_decile_lift,
     top_factors,
 )
-from tasks.features import as_of_end
 from tests.churn_support import clean_frames
 
 
