@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-import logging
 from collections import Counter
 from datetime import date
-from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import pandas as pd
 
 from crm_analytics.artifacts import StageResult
@@ -24,67 +22,29 @@ from crm_analytics.parameters import RunSpec, ValidationOptions, as_of_end
 from crm_analytics.privacy import pseudonym_key, pseudonymise
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON
-from crm_analytics.settings import get_settings
-from tasks.common import DataQualityError, PermanentError, stage_logger, stage_task
+from tasks.common import DataQualityError, stage_logger, stage_task
+from tasks.suites import CROSS_CHECK_ROWS, Engine, evaluate_suite, load_suite
+
+__all__ = ["check_quarantine_rate", "load_suite", "suite_parameters", "validate", "validate_entity"]
 
 UNIQUENESS_EXPECTATIONS = {"expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique"}
-
-
-class SuiteError(PermanentError):
-    """An expectation could not be evaluated (a misspelt column, a missing parameter)."""
 
 
 class ValidationOutcome(NamedTuple):
     valid: pd.DataFrame
     quarantine: pd.DataFrame
     reason_counts: dict[str, int]
+    evaluation: dict[str, Any]
 
 
 # ---- pure core ------------------------------------------------------------------------------------------
-def load_suite(entity: str, expectations_dir: Path | None = None) -> dict[str, Any]:
-    path = (expectations_dir or get_settings().expectations_dir) / f"{entity}.json"
-    if not path.exists():
-        raise SuiteError(f"no expectation suite for {entity}: {path} does not exist")
-    return json.loads(path.read_text())
-
-
 def suite_parameters(as_of: date, **extra: Any) -> dict[str, Any]:
     """Values for the ``$PARAMETER`` placeholders in the suites."""
     return {"as_of_end": as_of_end(as_of), "as_of_year": as_of.year, **extra}
 
 
-def _reason(expectation_type: str, kwargs: dict[str, Any], meta: dict[str, Any] | None) -> str:
-    return (meta or {}).get("reason") or f"{expectation_type}({kwargs.get('column', '')})"
-
-
-def run_suite(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any]) -> dict[str, list]:
-    """Evaluate every expectation of ``suite`` on ``frame``; returns reason -> index labels of failing rows."""
-    import great_expectations as gx  # heavy import, only where it is used
-    from great_expectations.core import ExpectationSuite
-
-    for name in ("great_expectations", "great_expectations.data_context.types.base"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = {"globally": False, "metric_calculations": False}
-    gx_suite = context.suites.add(ExpectationSuite(**suite))
-    asset = context.data_sources.add_pandas("pipeline").add_dataframe_asset(suite["name"])
-    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
-    results = batch.validate(gx_suite, result_format={"result_format": "COMPLETE"},
-                             expectation_parameters=parameters)
-    failures: dict[str, list] = {}
-    for result in results.results:  # not in suite order: identify each by its own configuration
-        config = result.expectation_config
-        info = result.exception_info or {}
-        if info.get("raised_exception"):
-            raise SuiteError(f"suite {suite['name']!r}: {config.type} on {config.kwargs.get('column')!r} "
-                             f"could not run: {info.get('exception_message')}")
-        if not result.success:
-            reason = _reason(config.type, config.kwargs, config.meta)
-            failures.setdefault(reason, []).extend(result.result.get("unexpected_index_list") or [])
-    return failures
-
-
-def validate_entity(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any]) -> ValidationOutcome:
+def validate_entity(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any],
+                    engine: Engine = "compiled", cross_check_rows: int = CROSS_CHECK_ROWS) -> ValidationOutcome:
     """Split ``frame`` into valid rows and quarantined rows (with ``_quarantine_reason``).
 
     Uniqueness is judged on distinct rows: an exact duplicate is not a conflicting key (the clean stage
@@ -101,17 +61,21 @@ def validate_entity(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict
     else:
         representative = frame.index.to_numpy()
         checked = frame
-    failures = run_suite(checked, suite, parameters)
-    pairs = pd.DataFrame(
-        [(label, reason) for reason, labels in failures.items() for label in labels], columns=["label", "reason"]
-    )
-    reasons_by_label = pairs.groupby("label", sort=False)["reason"].agg("; ".join)
-    row_reasons = pd.Series(reasons_by_label.reindex(representative).to_numpy(), index=frame.index, dtype="string")
-    failed = row_reasons.notna().to_numpy()
-    quarantine = frame[failed].assign(**{QUARANTINE_REASON: row_reasons[failed]})
+    failures, evaluation = evaluate_suite(checked, suite, parameters, engine, cross_check_rows)
+    # Labels are positions after reset_index; every row takes the verdict of its representative copy.
+    reason_text = np.full(len(frame), "", dtype=object)
+    counts: Counter[str] = Counter()
+    for reason, labels in failures.items():
+        hit = np.zeros(len(frame), dtype=bool)
+        hit[np.asarray(labels, dtype=np.int64)] = True
+        hit = hit[representative]
+        counts[reason] += int(hit.sum())
+        previous = reason_text[hit]
+        reason_text[hit] = np.where(previous == "", reason, previous + "; " + reason)
+    failed = reason_text != ""
+    quarantine = frame[failed].assign(**{QUARANTINE_REASON: pd.array(reason_text[failed], dtype="string")})
     valid = frame[~failed].drop(columns=[PARSE_ERRORS], errors="ignore").reset_index(drop=True)
-    counts = Counter(reason for text in row_reasons[failed] for reason in text.split("; "))
-    return ValidationOutcome(valid, quarantine.reset_index(drop=True), dict(counts.most_common()))
+    return ValidationOutcome(valid, quarantine.reset_index(drop=True), dict(counts.most_common()), evaluation)
 
 
 def check_quarantine_rate(entity: str, rows_in: int, quarantined: int, reason_counts: dict[str, int],
@@ -161,7 +125,8 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
         extra = {}
         if entity in ("order_lines", "churn_labels"):
             extra = {"known_customer_ids": valid_ids["customers"], "known_product_ids": valid_ids["products"]}
-        outcome = validate_entity(frame, load_suite(entity), suite_parameters(run.as_of, **extra))
+        outcome = validate_entity(frame, load_suite(entity), suite_parameters(run.as_of, **extra),
+                                  options.engine, options.cross_check_rows)
         key_column = {"customers": "customer_id", "products": "product_id"}.get(entity)
         if key_column:
             valid_ids[entity] = outcome.valid[key_column].dropna().unique().tolist()
@@ -180,6 +145,7 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
             "quarantine_rate": round(quarantined / rows_in, 6) if rows_in else 0.0,
             "max_quarantine_rate": mapping.quality.max_quarantine_rate.get(entity, options.max_quarantine_rate),
             "reasons": outcome.reason_counts,
+            "evaluation": outcome.evaluation,
         }
         log.info("validated %s: %d valid, %d quarantined", entity, len(outcome.valid), quarantined)
     for entity, m in metrics.items():
