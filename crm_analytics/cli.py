@@ -78,7 +78,8 @@ def run(
 @app.command()
 def backfill(
     start: Annotated[str, typer.Option(help="First as-of date (YYYY-MM-DD).")],
-    end: Annotated[str, typer.Option(help="Last as-of date, inclusive (YYYY-MM-DD).")],
+    end: Annotated[str, typer.Option(help="Last as-of date (YYYY-MM-DD), included when a step lands on it; "
+                                          "steps keep the start's day of month.")],
     step: Annotated[str, typer.Option(help="day, week or month.")] = "day",
     concurrency: Annotated[int, typer.Option(min=1, max=8, help="Dates run at the same time.")] = 1,
     force: Annotated[bool, typer.Option(help="Rerun dates already complete with the same parameters.")] = False,

@@ -66,7 +66,7 @@ def backfill(start: date, end: date, step: Step = "day", concurrency: int = 1, f
 
     Args:
         start: first as-of date.
-        end: last as-of date (inclusive).
+        end: last as-of date, included when a step lands on it (monthly steps keep the start's day of month).
         step: day, week or month between dates.
         concurrency: dates run at the same time (1 to 8; each date also holds its own lock).
         force: rerun dates that are already complete with the same parameters.
