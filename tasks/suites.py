@@ -276,7 +276,10 @@ def cross_check(frame: pd.DataFrame, suite: dict[str, Any], compiled: list[dict[
     """
     if not compiled or sample_rows <= 0 or frame.empty:
         return 0
-    sample = frame.sample(n=min(sample_rows, len(frame)), random_state=seed) if len(frame) > sample_rows else frame
+    sample = frame
+    if len(frame) > sample_rows:  # positional take: DataFrame.sample copies the frame's index machinery first
+        positions = np.random.default_rng(seed).choice(len(frame), size=sample_rows, replace=False)
+        sample = frame.take(np.sort(positions))
     sub_suite = {**suite, "expectations": compiled}
     ours, theirs = _as_sets(run_compiled(sample, sub_suite, compiled, parameters)), _as_sets(
         run_gx(sample, sub_suite, parameters))
