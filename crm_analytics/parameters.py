@@ -104,6 +104,10 @@ class ChurnOptions(BaseModel):
         "are skipped.",
     )
     cutoff_spacing_days: int = Field(30, ge=7, le=365, description="Days between consecutive training cutoffs.")
+    max_training_customers: int = Field(
+        50_000, ge=1_000, description="Customers whose history trains and validates the models; above this a "
+        "stable hash sample is used (the same customers night after night). Every customer is still scored.",
+    )
     active_within_days: int | None = Field(
         None, ge=1, description="Only customers who bought within this many days before a cutoff are trained on, "
         "validated and scored; empty means every customer who has ever bought.",

@@ -74,6 +74,16 @@ PERMUTATION_MAX_ROWS = 5_000
 ABLATION_BATCH_ROWS = 400_000
 BGNBD_FIT_ROWS = 20_000
 MAX_FACTOR_CANDIDATES = 12  # inputs searched for per-customer factors by ablation (by global importance)
+# Ablation costs one prediction per candidate and customer: past this many customers only the 6 globally most
+# important inputs are tried (at a million customers the 12 cost minutes through a forest).
+FACTOR_CANDIDATES_AT_SCALE = (200_000, 6)
+
+
+def factor_candidates(importances: pd.DataFrame, customers: int) -> list[str]:
+    limit, reduced = FACTOR_CANDIDATES_AT_SCALE
+    return importances["feature"].head(reduced if customers > limit else MAX_FACTOR_CANDIDATES).tolist()
+# Rows each forest tree is grown on: beyond this a tree's cost keeps growing while the forest's AUC does not.
+FOREST_MAX_SAMPLES = 25_000
 ENSEMBLE = "ensemble"
 ENSEMBLE_MEMBERS = ("logistic_regression", "random_forest", "gradient_boosting")
 
@@ -205,6 +215,21 @@ def labelled_examples(customers: pd.DataFrame, order_lines: pd.DataFrame, cutoff
     feats = churn_features(customers, order_lines, cutoff, horizon_days, top_categories, active_within_days)
     labels = churn_labels(order_lines, pd.Index(feats[ID]), cutoff, horizon_days, known_until)
     return feats.assign(**{LABEL: labels.to_numpy(), "cutoff": pd.Timestamp(cutoff)})
+
+
+def training_population(customers: pd.DataFrame, order_lines: pd.DataFrame, max_customers: int,
+                        seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """At most about ``max_customers`` customers (and their lines) to learn from: a sample by a keyed hash of
+    the id, so a customer stays in or out from one night to the next and the sample grows with the base.
+
+    Model quality saturates long before a million customers while fitting cost does not; scoring uses
+    everyone."""
+    ids = customers[ID].drop_duplicates()
+    if len(ids) <= max_customers:
+        return customers, order_lines
+    hashed = pd.util.hash_pandas_object(ids, index=False, hash_key=f"churn-{seed:010d}"[:16]).to_numpy()
+    kept = pd.Index(ids[hashed < np.uint64(max_customers / len(ids) * 2.0 ** 64)])
+    return customers[customers[ID].isin(kept)], order_lines[order_lines[ID].isin(kept)]
 
 
 def plan_cutoffs(order_lines: pd.DataFrame, as_of: date, options: ChurnOptions) -> tuple[list[date], date]:
@@ -353,7 +378,7 @@ def preprocessor(numeric: list[str], categorical: list[str], linear: bool) -> Co
 
 
 def candidate_models(numeric: list[str], categorical: list[str], seed: int,
-                     balance: bool = True) -> dict[str, Any]:
+                     balance: bool = True, training_rows: int = 0) -> dict[str, Any]:
     """The four families compared every run, and the mean of the three strongest; hyper-parameters are fixed
     and conservative (no per-run search, so the validation data is used once, for the comparison)."""
     models = {
@@ -362,7 +387,9 @@ def candidate_models(numeric: list[str], categorical: list[str], seed: int,
         "random_forest": RandomForestClassifier(n_estimators=300, min_samples_leaf=20, max_features="sqrt",
                                                 # one job: parallel trees sum probabilities in a varying
                                                 # order, and a rerun must give the same bytes
-                                                n_jobs=1, random_state=seed),
+                                                n_jobs=1, random_state=seed,
+                                                max_samples=FOREST_MAX_SAMPLES / training_rows
+                                                if training_rows > FOREST_MAX_SAMPLES else None),
         "gradient_boosting": HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15,
                                                             min_samples_leaf=40, l2_regularization=1.0,
                                                             early_stopping=False, random_state=seed),
@@ -672,7 +699,7 @@ def compare_models(train: pd.DataFrame, valid: pd.DataFrame, numeric: list[str],
     x_train, y_train = model_frame(train, numeric, categorical), train[LABEL].astype("int64").to_numpy()
     x_valid = model_frame(valid, numeric, categorical)
     fitted, predictions = {}, {}
-    for name, model in candidate_models(numeric, categorical, seed, options.class_weighting).items():
+    for name, model in candidate_models(numeric, categorical, seed, options.class_weighting, len(train)).items():
         if name == ENSEMBLE:
             fitted[name] = MeanEnsemble.of_fitted([fitted[m] for m in ENSEMBLE_MEMBERS])
             predictions[name] = np.mean([predictions[m] for m in ENSEMBLE_MEMBERS], axis=0)
@@ -754,10 +781,12 @@ def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: d
     challenger against the champion on the same validation, and score every (active) customer as of D."""
     h = options.horizon_days
     train_cutoffs, valid_cutoff = plan_cutoffs(order_lines, as_of, options)
-    categories = top_categories_at(customers, order_lines, valid_cutoff)
+
+    learners, learner_lines = training_population(customers, order_lines, options.max_training_customers, seed)
+    categories = top_categories_at(learners, learner_lines, valid_cutoff)
 
     def examples(cutoff: date, cats: list[str]) -> pd.DataFrame:
-        return labelled_examples(customers, order_lines, cutoff, h, cats, known_until=as_of,
+        return labelled_examples(learners, learner_lines, cutoff, h, cats, known_until=as_of,
                                  active_within_days=options.active_within_days)
 
     train = pd.concat([examples(c, categories) for c in train_cutoffs], ignore_index=True).dropna(subset=[LABEL])
@@ -814,7 +843,7 @@ def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: d
     importances = global_importances(model, x_valid, y_valid, seed)
     current = churn_features(customers, order_lines, as_of, h, model_cats, options.active_within_days)
     scores = score_customers(model, name, current, model_numeric, [], reference, metrics_now["threshold"], options,
-                             factor_candidates=importances["feature"].head(MAX_FACTOR_CANDIDATES).tolist())
+                             factor_candidates=factor_candidates(importances, len(current)))
     gaps = interpurchase_gaps(order_lines, as_of)
 
     validation_predictions = pd.DataFrame({ID: valid[ID], LABEL: y_valid, "probability": p_valid,
@@ -833,6 +862,7 @@ def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: d
         "train_cutoffs": [c.isoformat() for c in train_cutoffs],
         "validation_cutoff": valid_cutoff.isoformat(),
         "train_rows": len(train),
+        "training_customers": f"{learners[ID].nunique()} of {customers[ID].nunique()}",
         "threshold_rule": threshold_rule_text(options),
         "validation": metrics_now,
         "features": model_numeric,
@@ -928,7 +958,7 @@ def train_explicit(table: pd.DataFrame, label_column: str, id_column: str, optio
     splitter = StratifiedKFold(n_splits=options.cv_folds, shuffle=True, random_state=seed)
     for k, (_, test_idx) in enumerate(splitter.split(x, y)):
         folds[test_idx] = k
-    candidates = candidate_models(numeric, categorical, seed, options.class_weighting)
+    candidates = candidate_models(numeric, categorical, seed, options.class_weighting, len(table))
     predictions, fold_auc = {}, {}
     for name, model in candidates.items():
         if name == ENSEMBLE:
@@ -1000,7 +1030,7 @@ def train_explicit(table: pd.DataFrame, label_column: str, id_column: str, optio
                                          y[measured], seed)
     scores = score_customers(model, name, active, model_numeric, model_cats, labelled, metrics_now["threshold"],
                              options, probability=p_active,
-                             factor_candidates=importances["feature"].head(MAX_FACTOR_CANDIDATES).tolist())
+                             factor_candidates=factor_candidates(importances, len(active)))
     scores = scores.assign(score_source=score_source)
     validation_predictions = pd.DataFrame({ID: labelled[ID], LABEL: y, "fold": folds, "probability": p_valid,
                                            **{f"p_{k}": v for k, v in predictions.items()}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import inspect
 import json
@@ -16,6 +17,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
@@ -87,6 +89,13 @@ def _rss_bytes() -> int:
 
 
 @contextlib.contextmanager
+def release_arrow_memory() -> None:
+    """Return the memory Arrow's pool keeps after a stage's frames are gone: without it the next stage starts
+    1-3 GB higher at a million customers, and a long run's peak is the sum of its stages' leftovers."""
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+
+
 def measured(interval: float = 0.05) -> Iterator[dict[str, float]]:
     """Wall and CPU seconds and the peak resident memory (sampled) of the block, for the manifest."""
     timing: dict[str, float] = {}
@@ -162,7 +171,10 @@ def stage_task(name: str, fingerprint_extra: Callable[..., str | None] | None = 
                 log.info("%s: inputs, parameters and code unchanged; reusing its recorded outputs", name)
                 return cached.model_copy(update={"metrics": {**cached.metrics, "reused": True}})
             with measured() as timing:
-                result = edge(*args, **kwargs)
+                try:
+                    result = edge(*args, **kwargs)
+                finally:
+                    release_arrow_memory()
             result = result.model_copy(update={"metrics": {**result.metrics, "timing": timing}})
             if key is not None:
                 run.store.record_stage(name, key, result)
