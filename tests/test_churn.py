@@ -353,3 +353,28 @@ def test_churn_section_states_the_protocol_decision_and_horizon_advice():
     assert "2025-06-04, 2025-07-04" in text and "**not promoted**" in text and "keeps scoring" in text
     assert "Suggested horizon: **84 days**" in text and "91% of repeat purchases" in text
     assert "| random_forest | 0.812 | 0.700 | 0.600 | 2.500 | 0.180 |" in text
+
+
+def test_training_population_is_a_stable_sample_that_keeps_each_customers_lines():
+    from tasks.churn import training_population
+
+    def base(n):
+        ids = pd.Series([f"C{i:06d}" for i in range(n)], dtype="string")
+        customers = pd.DataFrame({"customer_id": ids})
+        lines = pd.DataFrame({"customer_id": ids.repeat(2).reset_index(drop=True), "order_id": range(2 * n)})
+        return customers, lines
+
+    small_customers, small_lines = base(3_000)
+    same_customers, same_lines = training_population(small_customers, small_lines, 5_000, seed=1)
+    assert same_customers is small_customers and same_lines is small_lines  # under the cap nothing is sampled
+
+    customers, lines = base(40_000)
+    kept, kept_lines = training_population(customers, lines, 10_000, seed=1)
+    assert 9_000 < len(kept) < 11_000
+    assert set(kept_lines["customer_id"]) == set(kept["customer_id"])
+    assert (kept_lines.groupby("customer_id").size() == 2).all()  # a sampled customer keeps all their lines
+    # Tomorrow the base has grown: yesterday's sampled customers are still in, at the same rate.
+    grown, _ = training_population(*base(80_000), 20_000, seed=1)
+    assert set(kept["customer_id"]) <= set(grown["customer_id"])
+    other_seed, _ = training_population(customers, lines, 10_000, seed=2)
+    assert set(other_seed["customer_id"]) != set(kept["customer_id"])
