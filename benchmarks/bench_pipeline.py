@@ -198,6 +198,36 @@ def next_day_ingest(export: Path, as_of: date) -> dict[str, float]:
             "ratio": timing["wall_seconds"] / full["wall_seconds"]}
 
 
+def markdown_summary(stages: pd.DataFrame, summary: dict, exponents: dict) -> str:
+    """The tables BENCHMARKS.md quotes, with the machine they were measured on."""
+    import platform
+
+    from crm_analytics.reporting import markdown_table
+
+    cpus, memory = os.cpu_count(), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    lines = [f"Machine: {platform.machine()}, {cpus} CPUs, {memory:.0f} GiB RAM, Python {platform.python_version()}, "
+             f"{platform.platform()}; measured {time.strftime('%Y-%m-%d %H:%M')}.", "",
+             "Per stage (the real flow on Prefect's embedded server):", "",
+             markdown_table(stages.drop(columns=["started"], errors="ignore")), ""]
+    flat = []
+    for customers, scale in summary.items():
+        row = {"customers": customers}
+        for key, value in scale.items():
+            if isinstance(value, dict):
+                row |= {f"{key}.{k}": v for k, v in value.items()}
+            else:
+                row[key] = value
+        flat.append(row)
+    lines += ["Per scale (baselines measured in the same run):", ""]
+    for row in flat:
+        lines += [f"- {row['customers']:,} customers: " + ", ".join(
+            f"{k} = {v:,.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in row.items() if k != "customers")]
+    if exponents:
+        lines += ["", "Fitted exponent of wall time vs order lines: "
+                  + ", ".join(f"{stage} {value}" for stage, value in exponents.items())]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", default="10000,100000,1000000", help="customers per scale, comma separated")
@@ -220,6 +250,7 @@ def main() -> None:
         wall, manifest = run_flow(root, as_of)
         lines_in = manifest["reconciliation"]["order_lines"]["rows_in"]
         scale = {"customers": customers, "order_lines": lines_in, "flow_wall_seconds": round(wall, 2),
+                 "load_average_1m_after_flow": round(os.getloadavg()[0], 2),
                  "peak_rss_mb": max(s.get("timing", {}).get("peak_rss_mb", 0) for s in manifest["stages"].values())}
         for stage in STAGES:
             timing = manifest["stages"].get(stage, {}).get("timing", {})
@@ -236,6 +267,7 @@ def main() -> None:
             if customers <= 100_000:
                 scale["features"] = features_vs_apply(root, as_of)
             scale["next_day_ingest"] = next_day_ingest(export, as_of)
+        scale["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
         summary[customers] = scale
         print(json.dumps(scale, indent=2, default=float))
 
@@ -251,7 +283,8 @@ def main() -> None:
     frame.to_csv(args.out / "pipeline_stages.csv", index=False)
     (args.out / "pipeline.json").write_text(json.dumps({"scales": summary, "exponents": exponents}, indent=2,
                                                        default=float))
-    print(f"\nwritten: {args.out / 'pipeline.json'}, {args.out / 'pipeline_stages.csv'}")
+    (args.out / "pipeline.md").write_text(markdown_summary(frame, summary, exponents))
+    print(f"\nwritten: {args.out / 'pipeline.json'}, {args.out / 'pipeline_stages.csv'}, {args.out / 'pipeline.md'}")
 
 
 if __name__ == "__main__":
