@@ -88,7 +88,6 @@ def _rss_bytes() -> int:
         return 0
 
 
-@contextlib.contextmanager
 def release_arrow_memory() -> None:
     """Return the memory Arrow's pool keeps after a stage's frames are gone: without it the next stage starts
     1-3 GB higher at a million customers, and a long run's peak is the sum of its stages' leftovers."""
@@ -96,6 +95,7 @@ def release_arrow_memory() -> None:
     pa.default_memory_pool().release_unused()
 
 
+@contextlib.contextmanager
 def measured(interval: float = 0.05) -> Iterator[dict[str, float]]:
     """Wall and CPU seconds and the peak resident memory (sampled) of the block, for the manifest."""
     timing: dict[str, float] = {}
