@@ -214,3 +214,22 @@ def by_customer(path: str | Path, partitions: int, client: Client) -> list[Any]:
 def gather_parts(client: Client, futures: list[Any]) -> list[Any]:
     """The results of ``futures`` in order (raises the first partition's error, with its traceback)."""
     return client.gather(futures)
+
+
+def close_shared_clients() -> None:
+    """Close this process's shared clients (and the LocalClusters they started); the next stage reconnects."""
+    with _shared_lock:
+        for client in _shared.values():
+            cluster = client.cluster
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        _shared.clear()
+
+
+def executor_metrics(client: Client | None) -> dict[str, Any]:
+    """How a stage ran, for its metrics in the manifest."""
+    if client is None:
+        return {"kind": "local"}
+    return {"kind": "dask", "scheduler": client.scheduler.address, "workers": len(client.nthreads()),
+            "partitions": partition_count(client)}

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.distributed import stage_client
+from crm_analytics.distributed import executor_metrics, stage_client
 from crm_analytics.parameters import RunSpec
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import LINEAGE_COLUMNS
@@ -317,11 +317,12 @@ def clean(run: RunSpec, validated: StageResult) -> StageResult:
             out = clean_and_merge(customers, products, store.read_frame(validated.ref("order_lines")))
         else:
             out = clean_partitioned(client, customers, products, validated.ref("order_lines").file)
+        ran_on = executor_metrics(client)
     stage_logger().info("cleaned: %s", out.stats["order_lines"])
     artifacts = {
         "customers": store.write_frame("clean", "customers", out.customers),
         "products": store.write_frame("clean", "products", out.products),
         "order_lines": store.write_frame("clean", "order_lines", out.order_lines),
     }
-    return StageResult(stage="clean", artifacts=artifacts, metrics=out.stats,
+    return StageResult(stage="clean", artifacts=artifacts, metrics={**out.stats, "executor": ran_on},
                        report_section=cleaning_section(out.stats))

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.distributed import stage_client
+from crm_analytics.distributed import executor_metrics, stage_client
 from crm_analytics.parameters import RunSpec, as_of_end
 from crm_analytics.reporting import markdown_table
 from tasks.common import stage_logger, stage_task
@@ -251,8 +251,9 @@ def features(run: RunSpec, cleaned: StageResult) -> StageResult:
             table = build_customer_features(customers, store.read_frame(cleaned.ref("order_lines")), run.as_of)
         else:
             table = features_partitioned(client, customers, cleaned.ref("order_lines").file, run.as_of)
+        ran_on = executor_metrics(client)
     stage_logger().info("features for %d customers", len(table))
     ref = store.write_frame("features", "customer_features", table)
     return StageResult(stage="features", artifacts={"customer_features": ref},
-                       metrics={"customers": len(table), "columns": len(table.columns)},
+                       metrics={"customers": len(table), "columns": len(table.columns), "executor": ran_on},
                        report_section=features_section(table))

@@ -23,7 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.distributed import partition_count, stage_client
+from crm_analytics.distributed import executor_metrics, partition_count, stage_client
 from crm_analytics.mapping import (
     DatabaseSpec,
     EntitySource,
@@ -442,6 +442,7 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None) -> S
         parse = parse_files if client is None else partitioned_parser(client, partition_count(client))
         frames, sources = ingest_all(mapping, run.data_root, run.as_of, landing_dir,
                                      history=load_history(run, mapping, mapping_name, landing_dir), parse=parse)
+        ran_on = executor_metrics(client)
     artifacts, metrics = {}, {}
     for entity, frame in frames.items():
         artifacts[entity] = store.write_frame("raw", entity, frame)
@@ -455,4 +456,5 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None) -> S
         "landing": str(mapping.landing_path(run.data_root, landing_dir)),
         "entities": sources,
     })
-    return StageResult(stage="ingest", artifacts=artifacts, metrics={"mapping": mapping.name, "entities": metrics})
+    return StageResult(stage="ingest", artifacts=artifacts, metrics={"mapping": mapping.name, "entities": metrics,
+                                                                     "executor": ran_on})
