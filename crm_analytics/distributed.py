@@ -233,3 +233,33 @@ def executor_metrics(client: Client | None) -> dict[str, Any]:
         return {"kind": "local"}
     return {"kind": "dask", "scheduler": client.scheduler.address, "workers": len(client.nthreads()),
             "partitions": partition_count(client)}
+
+
+def cluster_threads(runner: Any) -> int:
+    """Worker threads of the cluster behind a started ``DaskTaskRunner``."""
+    return max(1, sum(runner.client.nthreads().values()))
+
+
+@contextmanager
+def prefect_api_for_workers() -> Iterator[str]:
+    """Make sure tasks sent to Dask workers know the Prefect API this process talks to.
+
+    prefect-dask sends the settings with each task, so an explicit ``PREFECT_API_URL`` reaches the workers. The
+    embedded server that Prefect starts when none is set is known only to this process: its address is set for
+    the duration (it listens on 127.0.0.1, so only workers on this machine, e.g. a LocalCluster, can use it).
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if url := PREFECT_API_URL.value():
+        yield url
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    running = [server for server in SubprocessASGIServer._instances.values() if server.running]
+    if not running:
+        raise DaskUnavailableError(
+            "the dask executor needs a Prefect API its workers can reach: set PREFECT_API_URL (e.g. "
+            "http://127.0.0.1:4200/api after `prefect server start`)"
+        )
+    with temporary_settings(updates={PREFECT_API_URL: running[0].api_url}):
+        yield running[0].api_url

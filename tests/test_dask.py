@@ -104,3 +104,164 @@ def test_partitioned_stages_write_the_local_artifacts(export, tmp_path, monkeypa
     for stage in ("clean", "features"):
         assert ({k: v for k, v in on_dask[stage].metrics.items() if k not in strip}
                 == {k: v for k, v in local[stage].metrics.items() if k not in strip}), stage
+
+
+def test_file_batches_keep_every_file_once_and_in_order(tmp_path):
+    from tasks.ingest import file_batches
+
+    files = []
+    for i, size in enumerate([10, 10, 10, 1000, 10, 10]):
+        path = tmp_path / f"{i}.csv"
+        path.write_bytes(b"x" * size)
+        files.append(path)
+    batches = file_batches(files, 3)
+    assert [p for batch in batches for p in batch] == files
+    assert 2 <= len(batches) <= 3
+    assert [files[3]] in batches or any(files[3] == batch[-1] for batch in batches)  # the big file ends a batch
+    assert file_batches(files[:1], 4) == [files[:1]]
+
+
+def test_local_executor_is_the_default_and_uses_threads(monkeypatch):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from crm_analytics.distributed import ExecutorOptions, backfill_task_runner
+
+    monkeypatch.delenv("CRM_EXECUTOR", raising=False)
+    get_settings.cache_clear()
+    resolved = ExecutorOptions().resolved()
+    assert resolved.kind == "local"
+    assert isinstance(backfill_task_runner(resolved), ThreadPoolTaskRunner)
+    get_settings.cache_clear()
+
+
+def test_an_unreachable_scheduler_is_named_in_the_error():
+    import socket
+
+    from crm_analytics.distributed import DaskUnavailableError, ExecutorOptions, backfill_task_runner
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    with pytest.raises(DaskUnavailableError, match=f"cannot reach the Dask scheduler at {address}"):
+        backfill_task_runner(ExecutorOptions(kind="dask", address=address))
+    with pytest.raises(DaskUnavailableError, match="not of the form tcp://host:port"):
+        backfill_task_runner(ExecutorOptions(kind="dask", address="http://127.0.0.1"))
+
+
+# ---- a real cluster: one `dask scheduler` and two `dask worker` processes on loopback ------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """The address of a scheduler with two single-threaded workers, each its own process; stopped afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from distributed import Client
+
+    logs = tmp_path_factory.mktemp("dask-logs")
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    dask = [sys.executable, "-m", "dask"]
+    commands = [[*dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                 "--no-dashboard"]]
+    commands += [[*dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--nworkers", "1",
+                  "--no-dashboard", "--local-directory", str(logs / f"worker-{i}"), "--name", f"worker-{i}"]
+                 for i in range(2)]
+    processes = []
+    try:
+        for i, command in enumerate(commands):
+            with (logs / f"process-{i}.log").open("w") as log:
+                # Own process group: teardown stops a worker and the process it spawns, nothing else.
+                processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                  env=os.environ.copy(), start_new_session=True))
+            if i == 0:
+                _wait_for_port(address, processes[0], logs / "process-0.log")
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        yield address
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+def _wait_for_port(address: str, process, log: Path, timeout: float = 60.0) -> None:
+    import socket
+    import time
+
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"dask scheduler exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"dask scheduler did not listen on {address} within {timeout:.0f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_backfill_and_a_partitioned_run_on_a_scheduler_and_two_worker_processes(
+        export, tmp_path, monkeypatch, prefect_server, dask_cluster):
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from crm_analytics.distributed import ExecutorOptions, close_shared_clients
+    from flows.backfill import backfill
+    from flows.customer_analytics import customer_analytics
+
+    root = _fresh_root(export, tmp_path, "cluster")
+    options = PipelineOptions(data_root=str(root))
+    monkeypatch.setenv("CRM_PSEUDONYM_KEY", "dask-cluster-test")
+    dates = [date(2025, 12, 29), date(2025, 12, 30), date(2025, 12, 31)]
+
+    # The setting is local here: the backfill's parameter alone sends the dates to the cluster.
+    _use_executor(monkeypatch, executor="local")
+    summary = backfill(start=dates[0], end=dates[-1], options=options,
+                       executor=ExecutorOptions(kind="dask", address=dask_cluster))
+    assert summary == {"ran": [d.isoformat() for d in dates], "skipped": [], "failed": []}
+
+    # A single run with the setting pointing at the cluster: its data-heavy stages run partitioned there.
+    single = date(2025, 12, 28)
+    _use_executor(monkeypatch, executor="dask", dask_address=dask_cluster)
+    try:
+        customer_analytics(as_of=single, options=options)
+    finally:
+        close_shared_clients()
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+    for as_of in [*dates, single]:
+        run_dir = root / "runs" / f"as_of={as_of}"
+        manifest = json.loads((run_dir / "_manifest.json").read_text())
+        for stage in ("ingest", "clean", "features"):
+            ran_on = manifest["stages"][stage]["executor"]
+            assert ran_on["kind"] == "dask" and ran_on["scheduler"] == dask_cluster, (as_of, stage, ran_on)
+            assert ran_on["workers"] == 2, (as_of, stage)
+        assert (run_dir / "features" / "customer_features.parquet").exists()
+        assert manifest["artifacts"]["features/customer_features"]["rows"] > 0
+    with get_client(sync_client=True) as client:
+        names = [f"customer-analytics-{d}" for d in [*dates, single]]
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
+    assert sorted(r.name for r in runs) == sorted(names)
+    assert all(r.state.is_completed() for r in runs), [(r.name, r.state.type) for r in runs]
