@@ -17,6 +17,7 @@ This module imports dask lazily: the ``local`` executor needs nothing of the ``d
 from __future__ import annotations
 
 import atexit
+import contextvars
 import socket
 import threading
 from collections.abc import Iterator
@@ -153,10 +154,29 @@ def _shared_client() -> Client:
         return _shared[key]
 
 
+_whole = contextvars.ContextVar("crm_stages_unpartitioned", default=False)
+
+
+@contextmanager
+def unpartitioned() -> Iterator[None]:
+    """Stages called inside the block run whole, in this process, whatever the executor.
+
+    A backfill on Dask runs one date per worker: with every worker busy with a date, splitting each date's stages
+    too would only add shuffles and transfers, so a backfill date runs its stages whole on its worker.
+    """
+    token = _whole.set(True)
+    try:
+        yield
+    finally:
+        _whole.reset(token)
+
+
 @contextmanager
 def stage_client() -> Iterator[Client | None]:
     """The Dask client a stage partitions its work on, or ``None`` to run it in this process as usual."""
-    if in_dask_worker():
+    if _whole.get():
+        yield None
+    elif in_dask_worker():
         from distributed import worker_client
 
         with worker_client() as client:
@@ -206,7 +226,9 @@ def by_customer(path: str | Path, partitions: int, client: Client) -> list[Any]:
         frame = dd.from_map(_read_row_groups, [path] * metadata.num_row_groups,
                             [[i] for i in range(metadata.num_row_groups)], [int(s) for s in starts[:-1]],
                             meta=meta, enforce_metadata=False)
-        shuffled = frame.shuffle(on="customer_id", npartitions=partitions)
+        # "tasks": a shuffle made of ordinary tasks, valid on any cluster. Without a default client Dask would
+        # pick its disk shuffle, which is only correct when every task runs on one machine's file system.
+        shuffled = frame.shuffle(on="customer_id", npartitions=partitions, shuffle_method="tasks")
         parts = client.compute(shuffled.to_delayed())
     return client.map(_in_file_order, parts, dtypes=empty.dtypes, pure=False)
 
@@ -230,6 +252,10 @@ def close_shared_clients() -> None:
 def executor_metrics(client: Client | None) -> dict[str, Any]:
     """How a stage ran, for its metrics in the manifest."""
     if client is None:
+        if in_dask_worker():
+            from distributed import get_worker
+
+            return {"kind": "local", "dask_worker": get_worker().address}
         return {"kind": "local"}
     return {"kind": "dask", "scheduler": client.scheduler.address, "workers": len(client.nthreads()),
             "partitions": partition_count(client)}

@@ -31,6 +31,7 @@ from crm_analytics.distributed import (
     backfill_task_runner,
     cluster_threads,
     prefect_api_for_workers,
+    unpartitioned,
 )
 from crm_analytics.parameters import PipelineOptions
 from flows.customer_analytics import completed_key, data_root_of, idempotency_key
@@ -71,7 +72,8 @@ def run_date(as_of: date, options: PipelineOptions) -> str:
     # Prefect could not validate its parameters there. Importing it on the worker gets the real module.
     from flows.customer_analytics import customer_analytics
 
-    return customer_analytics(as_of=as_of, options=options)
+    with unpartitioned():
+        return customer_analytics(as_of=as_of, options=options)
 
 
 @flow(name="customer-analytics-backfill", flow_run_name="backfill-{start}-to-{end}-by-{step}", log_prints=True)

@@ -251,15 +251,25 @@ def test_backfill_and_a_partitioned_run_on_a_scheduler_and_two_worker_processes(
         monkeypatch.undo()
         get_settings.cache_clear()
 
+    from distributed import Client
+
+    with Client(dask_cluster, timeout=30) as client:
+        workers = set(client.nthreads())
+    used = set()
     for as_of in [*dates, single]:
         run_dir = root / "runs" / f"as_of={as_of}"
         manifest = json.loads((run_dir / "_manifest.json").read_text())
         for stage in ("ingest", "clean", "features"):
             ran_on = manifest["stages"][stage]["executor"]
-            assert ran_on["kind"] == "dask" and ran_on["scheduler"] == dask_cluster, (as_of, stage, ran_on)
-            assert ran_on["workers"] == 2, (as_of, stage)
-        assert (run_dir / "features" / "customer_features.parquet").exists()
+            if as_of == single:  # partitioned over the cluster
+                assert ran_on["kind"] == "dask" and ran_on["scheduler"] == dask_cluster, (as_of, stage, ran_on)
+                assert ran_on["workers"] == 2, (as_of, stage)
+            else:  # a backfill date: whole, on one of the workers
+                assert ran_on["kind"] == "local" and ran_on["dask_worker"] in workers, (as_of, stage, ran_on)
+                used.add(ran_on["dask_worker"])
         assert manifest["artifacts"]["features/customer_features"]["rows"] > 0
+        assert (run_dir / "features" / "customer_features.parquet").exists()
+    assert used == workers, "the backfill's dates should have spread over both workers"
     with get_client(sync_client=True) as client:
         names = [f"customer-analytics-{d}" for d in [*dates, single]]
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
