@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextvars
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -118,10 +119,11 @@ def backfill_task_runner(executor: ExecutorOptions) -> TaskRunner:
 
 
 def in_dask_worker() -> bool:
-    try:
-        from distributed import get_worker
-    except ImportError:
+    # A worker process has imported distributed; checking first keeps the local executor from importing it.
+    if "distributed" not in sys.modules:
         return False
+    from distributed import get_worker
+
     try:
         get_worker()
     except ValueError:
