@@ -106,10 +106,12 @@ def backfill(
     on = ExecutorOptions(kind=executor, address=dask_address)
     options = PipelineOptions(mapping=mapping, data_root=str(_data_root(data_root)),
                               landing_dir=str(Path(landing_dir).resolve()) if landing_dir else None)
+    from tasks.common import PermanentError
+
     try:
         summary = backfill_flow(start=date.fromisoformat(start), end=date.fromisoformat(end), step=step,
                                 concurrency=concurrency, force=force, options=options, executor=on)
-    except BackfillFailed as exc:
+    except (BackfillFailed, PermanentError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None
     typer.echo(", ".join(f"{k}: {len(v)}" for k, v in summary.items()))

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from crm_analytics.settings import get_settings
+from tasks.common import PermanentError
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -43,8 +44,12 @@ ROW = "_row"  # a line's position in its source file, carried through the shuffl
 MAX_LOCAL_CONCURRENCY = 8
 
 
-class DaskUnavailableError(RuntimeError):
-    """The executor is ``dask`` but the extra is not installed or the scheduler cannot be reached."""
+class DaskUnavailableError(PermanentError):
+    """The executor is ``dask`` but the extra is not installed or the scheduler cannot be reached.
+
+    Permanent: a wrong address or a missing package is configuration, so the run stops at once with the address
+    in one line instead of retrying (Dask's own client would keep retrying for its whole connect timeout).
+    """
 
 
 class ExecutorOptions(BaseModel):

@@ -149,6 +149,23 @@ def test_an_unreachable_scheduler_is_named_in_the_error():
         backfill_task_runner(ExecutorOptions(kind="dask", address="http://127.0.0.1"))
 
 
+
+def test_a_stage_with_an_unreachable_scheduler_stops_at_once_naming_it(monkeypatch):
+    from crm_analytics.distributed import DaskUnavailableError, stage_client
+    from tasks.common import is_transient
+
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    _use_executor(monkeypatch, executor="dask", dask_address=address)
+    try:
+        with (pytest.raises(DaskUnavailableError, match=f"cannot reach the Dask scheduler at {address}") as caught,
+              stage_client()):
+            pass
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert not is_transient(caught.value)  # configuration: the ingest retry policy must not retry it
+
+
 # ---- a real cluster: one `dask scheduler` and two `dask worker` processes on loopback ------------------------
 def _free_port() -> int:
     import socket
