@@ -240,11 +240,6 @@ def by_customer(path: str | Path, partitions: int, client: Client) -> list[Any]:
     return client.map(_in_file_order, parts, dtypes=empty.dtypes, pure=False)
 
 
-def gather_parts(client: Client, futures: list[Any]) -> list[Any]:
-    """The results of ``futures`` in order (raises the first partition's error, with its traceback)."""
-    return client.gather(futures)
-
-
 def close_shared_clients() -> None:
     """Close this process's shared clients (and the LocalClusters they started); the next stage reconnects."""
     with _shared_lock:

@@ -262,7 +262,9 @@ def clean_partitioned(client: Any, customers: pd.DataFrame, products: pd.DataFra
                                                    products=shared_products)) if r is not None]
     if not results:  # no order lines at all: the local core says what that means
         return clean_and_merge(customers, products, pq.read_table(order_lines).to_pandas())
-    lines = sort_clean_lines(pd.concat([part for part, _ in results], ignore_index=True))
+    # Empty parts are left out of the concatenation: their columns' dtypes are not the data's and would widen them.
+    kept = [part for part, _ in results if len(part)] or [results[0][0]]
+    lines = sort_clean_lines(pd.concat(kept, ignore_index=True))
     counts = {key: sum(c[key] for _, c in results) for key in results[0][1]}
     return CleanOutput(dimensions.customers, dimensions.products, lines,
                        clean_stats(dimensions.stats, counts, lines))

@@ -224,7 +224,7 @@ def features_partitioned(client: Any, customers: pd.DataFrame, order_lines: str 
     top = top_of(pd.concat(values).groupby(level=0).sum())
     shared = client.scatter(customers[["customer_id", "signup_date"]], broadcast=True)
     tables = [t for t in client.gather(client.map(_features_part, parts, customers=shared, as_of=as_of,
-                                                  top_categories=top)) if t is not None]
+                                                  top_categories=top)) if t is not None and len(t)]
     if not tables:  # nobody bought: the local core builds the empty table
         return build_customer_features(customers, pq.read_table(order_lines).to_pandas(), as_of)
     table = pd.concat(tables, ignore_index=True).sort_values("customer_id", ignore_index=True)
