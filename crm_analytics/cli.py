@@ -86,6 +86,11 @@ def backfill(
     mapping: Annotated[str, typer.Option(help="Source mapping: shipped name or YAML path.")] = "sample",
     landing_dir: Annotated[str | None, typer.Option(help="Overrides the mapping's landing folder.")] = None,
     data_root: DataRoot = None,
+    executor: Annotated[str | None, typer.Option(
+        help="local or dask (one date per Dask worker); default: the CRM_EXECUTOR setting.")] = None,
+    dask_address: Annotated[str | None, typer.Option(
+        help="Scheduler of an existing Dask cluster (tcp://host:8786); default: CRM_DASK_ADDRESS, or a "
+        "LocalCluster.")] = None,
 ) -> None:
     """Run the pipeline for every date of a range (one visible flow run per date)."""
     configure_prefect_defaults()
@@ -95,12 +100,19 @@ def backfill(
 
     if step not in ("day", "week", "month"):
         raise typer.BadParameter(f"step must be day, week or month, not {step!r}")
+    if executor not in (None, "local", "dask"):
+        raise typer.BadParameter(f"executor must be local or dask, not {executor!r}")
+    from crm_analytics.distributed import ExecutorOptions
+
+    on = ExecutorOptions(kind=executor, address=dask_address)
     options = PipelineOptions(mapping=mapping, data_root=str(_data_root(data_root)),
                               landing_dir=str(Path(landing_dir).resolve()) if landing_dir else None)
+    from tasks.common import PermanentError
+
     try:
         summary = backfill_flow(start=date.fromisoformat(start), end=date.fromisoformat(end), step=step,
-                                concurrency=concurrency, force=force, options=options)
-    except BackfillFailed as exc:
+                                concurrency=concurrency, force=force, options=options, executor=on)
+    except (BackfillFailed, PermanentError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None
     typer.echo(", ".join(f"{k}: {len(v)}" for k, v in summary.items()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,17 @@ class Settings(BaseSettings):
     data_root: Path = Field(default_factory=_default_data_root, description="Root of landing/, runs/, truth/.")
     expectations_dir: Path = Field(
         default=PROJECT_ROOT / "expectations", description="Folder of the Great Expectations suites (JSON)."
+    )
+    executor: Literal["local", "dask"] = Field(
+        "local", description="Where heavy work runs: local (this process) or dask (a backfill's dates, and the "
+        "partitions of ingest, clean and features, on a Dask cluster; needs the 'dask' extra).",
+    )
+    dask_address: str | None = Field(
+        None, description="Scheduler of an existing Dask cluster (tcp://host:8786); empty starts a LocalCluster.",
+    )
+    dask_workers: int = Field(2, ge=1, le=64, description="Worker processes of a LocalCluster started here.")
+    dask_partitions: int | None = Field(
+        None, ge=1, description="Partitions of clean and features on Dask; empty: one per worker thread.",
     )
 
     @property

@@ -5,6 +5,11 @@ complete with the same parameters (their manifest carries the same idempotency k
 runs the rest with at most ``concurrency`` dates at a time, keeps going when a date fails, and ends with a
 summary table. Each date runs as a child flow run named ``customer-analytics-<date>``; a retried backfill
 redoes nothing that completed, and a date interrupted half-way resumes from its last completed stage.
+
+Where the dates run is chosen when the backfill runs, not when this module is imported: in threads of this
+process (``local``), or one date per Dask worker (``dask``: an existing scheduler, or a LocalCluster started
+for the backfill), from the ``executor`` parameter or else the ``CRM_EXECUTOR`` settings. The task runner is
+entered inside the flow so a deployment run can pick the executor with a parameter, as the CLI does.
 """
 
 from __future__ import annotations
@@ -18,14 +23,21 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from crm_analytics.artifacts import RunStore
+from crm_analytics.distributed import (
+    MAX_LOCAL_CONCURRENCY,
+    ExecutorOptions,
+    backfill_task_runner,
+    cluster_threads,
+    prefect_api_for_workers,
+    unpartitioned,
+)
 from crm_analytics.parameters import PipelineOptions
-from flows.customer_analytics import completed_key, customer_analytics, data_root_of, idempotency_key
+from flows.customer_analytics import completed_key, data_root_of, idempotency_key
 
 Step = Literal["day", "week", "month"]
-MAX_CONCURRENCY = 8
+MAX_CONCURRENCY = MAX_LOCAL_CONCURRENCY
 
 
 class BackfillFailed(RuntimeError):
@@ -55,23 +67,41 @@ def backfill_dates(start: date, end: date, step: Step = "day") -> list[date]:
 @task(name="run-date", cache_policy=NO_CACHE)
 def run_date(as_of: date, options: PipelineOptions) -> str:
     """One date of the backfill, as a child flow run of its own."""
-    return customer_analytics(as_of=as_of, options=options)
+    # Imported here, not taken from this module's globals: on a Dask worker this function arrives pickled by
+    # value, and a flow pickled along with it loses the module globals its annotations name (``date``), so
+    # Prefect could not validate its parameters there. Importing it on the worker gets the real module.
+    from flows.customer_analytics import customer_analytics
+
+    with unpartitioned():
+        return customer_analytics(as_of=as_of, options=options)
 
 
-@flow(name="customer-analytics-backfill", flow_run_name="backfill-{start}-to-{end}-by-{step}",
-      task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENCY), log_prints=True)
+@flow(name="customer-analytics-backfill", flow_run_name="backfill-{start}-to-{end}-by-{step}", log_prints=True)
 def backfill(start: date, end: date, step: Step = "day", concurrency: int = 1, force: bool = False,
-             options: PipelineOptions = PipelineOptions()) -> dict[str, list[str]]:
+             options: PipelineOptions = PipelineOptions(),
+             executor: ExecutorOptions = ExecutorOptions()) -> dict[str, list[str]]:
     """Run every date of ``[start, end]``.
 
     Args:
         start: first as-of date.
         end: last as-of date, included when a step lands on it (monthly steps keep the start's day of month).
         step: day, week or month between dates.
-        concurrency: dates run at the same time (1 to 8; each date also holds its own lock).
+        concurrency: dates run at the same time with the local executor (1 to 8; each date also holds its own
+            lock). On Dask, one date per worker thread of the cluster.
         force: rerun dates that are already complete with the same parameters.
         options: the pipeline options used for every date.
+        executor: local threads or a Dask cluster; empty fields come from the CRM_EXECUTOR settings.
     """
+    executor = executor.resolved()
+    if executor.kind == "dask":
+        # Child flow runs start on the Dask workers: they report to the API this flow reports to.
+        with prefect_api_for_workers():
+            return _backfill(start, end, step, concurrency, force, options, executor)
+    return _backfill(start, end, step, concurrency, force, options, executor)
+
+
+def _backfill(start: date, end: date, step: Step, concurrency: int, force: bool, options: PipelineOptions,
+              executor: ExecutorOptions) -> dict[str, list[str]]:
     log = get_run_logger()
     concurrency = max(1, min(concurrency, MAX_CONCURRENCY))
     root = data_root_of(options)
@@ -87,6 +117,7 @@ def backfill(start: date, end: date, step: Step = "day", concurrency: int = 1, f
 
     running: dict[date, PrefectFuture] = {}
     errors: dict[str, str] = {}
+    runner = backfill_task_runner(executor)
 
     def collect(finished: list[date]) -> None:
         for as_of in finished:
@@ -99,14 +130,21 @@ def backfill(start: date, end: date, step: Step = "day", concurrency: int = 1, f
                 errors[as_of.isoformat()] = str(exc).splitlines()[0][:300]
                 log.error("backfill date %s failed: %s", as_of, errors[as_of.isoformat()])
 
-    for as_of in todo:
-        while len(running) >= concurrency:
+    with runner:
+        if executor.kind == "dask":
+            # Bounded by the cluster: a date waiting for its partitions hands its slot back to Dask, which would
+            # otherwise start another date there.
+            concurrency = cluster_threads(runner)
+            log.info("backfill on Dask (%s): %d dates at a time, one per worker thread",
+                     executor.address or "LocalCluster", concurrency)
+        for as_of in todo:
+            while len(running) >= concurrency:
+                collect([d for d, f in running.items() if f.state.is_final()])
+                time.sleep(0.2)
+            running[as_of] = runner.submit(run_date, parameters={"as_of": as_of, "options": options})
+        while running:
             collect([d for d, f in running.items() if f.state.is_final()])
             time.sleep(0.2)
-        running[as_of] = run_date.submit(as_of, options)
-    while running:
-        collect([d for d, f in running.items() if f.state.is_final()])
-        time.sleep(0.2)
 
     rows = ([{"as_of": d, "outcome": "ran", "detail": ""} for d in summary["ran"]]
             + [{"as_of": d, "outcome": "skipped", "detail": "already complete"} for d in summary["skipped"]]

@@ -15,14 +15,17 @@ customer's earlier purchases of the same product:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from crm_analytics.artifacts import StageResult
+from crm_analytics.distributed import executor_metrics, stage_client
 from crm_analytics.parameters import RunSpec
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import LINEAGE_COLUMNS
@@ -138,14 +141,42 @@ def _take(table: pd.DataFrame, columns: list[str], positions: np.ndarray) -> dic
     return {c: table[c].take(positions).reset_index(drop=True) for c in columns}
 
 
-def clean_and_merge(customers: pd.DataFrame, products: pd.DataFrame, order_lines: pd.DataFrame) -> CleanOutput:
-    """Deduplicate, normalise, net returns and join; ``stats`` reconciles every dropped row per entity."""
+class CleanDimensions(NamedTuple):
+    customers: pd.DataFrame
+    products: pd.DataFrame
+    stats: Stats
+
+
+def clean_dimensions(customers: pd.DataFrame, products: pd.DataFrame) -> CleanDimensions:
+    """Deduplicate customers (the first row of an id wins) and normalise products; counts what was dropped.
+
+    A step over whole tables: the partitioned path runs it once, not per partition (both tables are small next
+    to the order lines, and a product's most frequent name needs every row of it).
+    """
     customers, customer_dupes = drop_exact_duplicates(customers)
     conflicting = customers["customer_id"].duplicated(keep="first")
     customers = customers[~conflicting.to_numpy()].reset_index(drop=True)
     products, product_dupes = drop_exact_duplicates(products)
     products_before = len(products)
     products = normalise_products(products)
+    stats = {
+        "customers": {"rows_in": len(customers) + customer_dupes + int(conflicting.sum()),
+                      "exact_duplicates_dropped": customer_dupes,
+                      "conflicting_duplicates_dropped": int(conflicting.sum()), "rows_out": len(customers)},
+        "products": {"rows_in": products_before + product_dupes, "exact_duplicates_dropped": product_dupes,
+                     "conflicting_duplicates_dropped": products_before - len(products), "rows_out": len(products)},
+    }
+    return CleanDimensions(customers, products, stats)
+
+
+def clean_order_lines(order_lines: pd.DataFrame, customers: pd.DataFrame,
+                      products: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Deduplicate order lines, drop incomplete and orphan ones, net returns and join the clean ``customers`` and
+    ``products``; returns the lines (sorted by time, order, product) and the counts of what was dropped.
+
+    Every step is per customer (an exact duplicate, and a return's purchases, have the line's own customer), so
+    the lines may be split by customer, each part cleaned with its customers, and the parts concatenated.
+    """
     lines, line_dupes = drop_exact_duplicates(order_lines)
     deduplicated = len(lines)
 
@@ -173,30 +204,70 @@ def clean_and_merge(customers: pd.DataFrame, products: pd.DataFrame, order_lines
         line_amount=(quantity * lines["unit_price"].to_numpy(dtype=np.float64)).round(4),
         unmatched_return=(quantity < 0) & (lines["netted_quantity"].to_numpy() < -quantity),
     ), joined], axis=1)
-    lines = lines.sort_values(["order_ts", "order_id", "product_id"], kind="stable", ignore_index=True)
-
-    stats = {
-        "customers": {"rows_in": len(customers) + customer_dupes + int(conflicting.sum()),
-                      "exact_duplicates_dropped": customer_dupes,
-                      "conflicting_duplicates_dropped": int(conflicting.sum()), "rows_out": len(customers)},
-        "products": {"rows_in": products_before + product_dupes, "exact_duplicates_dropped": product_dupes,
-                     "conflicting_duplicates_dropped": products_before - len(products), "rows_out": len(products)},
-        "order_lines": {
-            "rows_in": deduplicated + line_dupes,
-            "exact_duplicates_dropped": line_dupes,
-            "incomplete_dropped": int(incomplete.sum()),
-            "unknown_customer_dropped": int(unknown_customer.sum()),
-            "unknown_product_dropped": int(unknown_product.sum()),
-            "rows_out": len(lines),
-            **return_stats(lines),
-        },
+    lines = sort_clean_lines(lines)
+    counts = {
+        "rows_in": deduplicated + line_dupes,
+        "exact_duplicates_dropped": line_dupes,
+        "incomplete_dropped": int(incomplete.sum()),
+        "unknown_customer_dropped": int(unknown_customer.sum()),
+        "unknown_product_dropped": int(unknown_product.sum()),
+        "rows_out": len(lines),
     }
+    return lines, counts
+
+
+def sort_clean_lines(lines: pd.DataFrame) -> pd.DataFrame:
+    """The clean order lines' row order: by time, order and product (stable)."""
+    return lines.sort_values(["order_ts", "order_id", "product_id"], kind="stable", ignore_index=True)
+
+
+def clean_stats(dimensions: Stats, line_counts: dict[str, int], lines: pd.DataFrame) -> Stats:
+    """The stage's counts per entity; checks that every row in is either out or counted as dropped."""
+    stats = {**dimensions, "order_lines": {**line_counts, **return_stats(lines)}}
     for entity, counts in stats.items():
         dropped = sum(v for k, v in counts.items() if k.endswith("_dropped"))
         if counts["rows_in"] != counts["rows_out"] + dropped:
             raise AssertionError(f"{entity}: {counts['rows_in']} rows in != {counts['rows_out']} out + {dropped} "
                                  "dropped")
-    return CleanOutput(customers, products, lines, stats)
+    return stats
+
+
+def clean_and_merge(customers: pd.DataFrame, products: pd.DataFrame, order_lines: pd.DataFrame) -> CleanOutput:
+    """Deduplicate, normalise, net returns and join; ``stats`` reconciles every dropped row per entity."""
+    dimensions = clean_dimensions(customers, products)
+    lines, counts = clean_order_lines(order_lines, dimensions.customers, dimensions.products)
+    return CleanOutput(dimensions.customers, dimensions.products, lines, clean_stats(dimensions.stats, counts, lines))
+
+
+def _clean_part(order_lines: pd.DataFrame, customers: pd.DataFrame,
+                products: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]] | None:
+    return clean_order_lines(order_lines, customers, products) if len(order_lines) else None
+
+
+def clean_partitioned(client: Any, customers: pd.DataFrame, products: pd.DataFrame,
+                      order_lines: str | Path) -> CleanOutput:
+    """``clean_and_merge`` on a Dask cluster, with the order lines (a Parquet file) split by customer.
+
+    Global steps, done once here: the dimension tables are cleaned whole (``clean_dimensions``) and sent to every
+    partition; after ``clean_order_lines`` ran on each partition, the lines are concatenated and sorted into the
+    local order, and the return rates (ratios, which do not add up over partitions) are computed over all of
+    them. Lines that tie on time, order and product across two customers may come out in another order.
+    """
+    from crm_analytics.distributed import by_customer, partition_count
+
+    dimensions = clean_dimensions(customers, products)
+    parts = by_customer(order_lines, partition_count(client), client)
+    shared_customers, shared_products = client.scatter([dimensions.customers, dimensions.products], broadcast=True)
+    results = [r for r in client.gather(client.map(_clean_part, parts, customers=shared_customers,
+                                                   products=shared_products)) if r is not None]
+    if not results:  # no order lines at all: the local core says what that means
+        return clean_and_merge(customers, products, pq.read_table(order_lines).to_pandas())
+    # Empty parts are left out of the concatenation: their columns' dtypes are not the data's and would widen them.
+    kept = [part for part, _ in results if len(part)] or [results[0][0]]
+    lines = sort_clean_lines(pd.concat(kept, ignore_index=True))
+    counts = {key: sum(c[key] for _, c in results) for key in results[0][1]}
+    return CleanOutput(dimensions.customers, dimensions.products, lines,
+                       clean_stats(dimensions.stats, counts, lines))
 
 
 def return_stats(lines: pd.DataFrame) -> dict[str, float | int]:
@@ -242,12 +313,18 @@ def cleaning_section(stats: Stats) -> str:
 @stage_task("clean")
 def clean(run: RunSpec, validated: StageResult) -> StageResult:
     store = run.store
-    out = clean_and_merge(*(store.read_frame(validated.ref(e)) for e in ("customers", "products", "order_lines")))
+    customers, products = (store.read_frame(validated.ref(e)) for e in ("customers", "products"))
+    with stage_client() as client:
+        if client is None:
+            out = clean_and_merge(customers, products, store.read_frame(validated.ref("order_lines")))
+        else:
+            out = clean_partitioned(client, customers, products, validated.ref("order_lines").file)
+        ran_on = executor_metrics(client)
     stage_logger().info("cleaned: %s", out.stats["order_lines"])
     artifacts = {
         "customers": store.write_frame("clean", "customers", out.customers),
         "products": store.write_frame("clean", "products", out.products),
         "order_lines": store.write_frame("clean", "order_lines", out.order_lines),
     }
-    return StageResult(stage="clean", artifacts=artifacts, metrics=out.stats,
+    return StageResult(stage="clean", artifacts=artifacts, metrics={**out.stats, "executor": ran_on},
                        report_section=cleaning_section(out.stats))

@@ -9,13 +9,17 @@ group-by on integer codes; no per-customer Python.
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from crm_analytics.artifacts import StageResult
+from crm_analytics.distributed import executor_metrics, stage_client
 from crm_analytics.parameters import RunSpec, as_of_end
 from crm_analytics.reporting import markdown_table
 from tasks.common import stage_logger, stage_task
@@ -142,28 +146,52 @@ def build_customer_features(customers: pd.DataFrame, order_lines: pd.DataFrame, 
     category_code, category_names = pd.factorize(lines["category"])
     category_code = category_code[buy]
     if top_categories is None:
-        named = category_code >= 0
-        value = _per(category_code[named], len(category_names), amount[named])
-        present = np.flatnonzero(_per(category_code[named], len(category_names)) > 0)
-        names = category_names[present].to_numpy()
-        top = present[np.lexsort((names, -value[present]))][:TOP_CATEGORIES]  # most value first, ties by name
-        top_categories = [category_names[i] for i in top]
+        top_categories = top_of(category_value(category_code, category_names, amount))
     with np.errstate(divide="ignore", invalid="ignore"):
         for name in top_categories:
             found = category_names.get_indexer([name])[0]  # -1 when absent: must not match the NA code -1
             spent = _per(customer, n, np.where(category_code == found, amount, 0.0)) if found >= 0 else np.zeros(n)
             features[f"share_{name}"] = np.where(monetary > 0, spent / monetary, 0.0)
 
-    features["r_score"] = quantile_score(features["recency_days"], higher_is_better=False)
-    features["f_score"] = quantile_score(features["frequency_orders"])
-    features["m_score"] = quantile_score(features["monetary_total"])
-    features["rfm_score"] = features["r_score"] + features["f_score"] + features["m_score"]
+    features = with_rfm_scores(features)
     # Added after the original columns so that models trained on the earlier layout keep their positions.
     features["monetary_net"] = monetary - returned
     features["first_purchase_days"] = (end_us - first_ts) / DAY_US
     features["typical_unit_price"] = np.exp(_per(customer, n, np.log(np.clip(price, PRICE_FLOOR, None)))
                                             / _per(customer, n))
     return features.reset_index()
+
+
+def category_value(category_code: np.ndarray, category_names: pd.Index, amount: np.ndarray) -> pd.Series:
+    """Purchase value per category present among the purchase lines (codes from ``pd.factorize``)."""
+    named = category_code >= 0
+    value = _per(category_code[named], len(category_names), amount[named])
+    present = np.flatnonzero(_per(category_code[named], len(category_names)) > 0)
+    return pd.Series(value[present], index=category_names[present].astype(object), name="value")
+
+
+def purchase_value_by_category(order_lines: pd.DataFrame, as_of: date) -> pd.Series:
+    """``category_value`` of the purchase lines before the end of ``as_of``: partial sums of it over parts of the
+    lines add up to the whole's, which is how the partitioned path finds the top categories."""
+    lines = order_lines[order_lines["order_ts"] < as_of_end(as_of)]
+    buy = ~lines["is_return"].to_numpy(dtype=bool) & lines["customer_id"].notna().to_numpy()
+    codes, names = pd.factorize(lines["category"])
+    return category_value(codes[buy], names, lines["line_amount"].to_numpy(dtype=np.float64)[buy])
+
+
+def top_of(value: pd.Series, n: int = TOP_CATEGORIES) -> list[str]:
+    """The ``n`` categories with the most purchase value (ties by name)."""
+    names = value.index.to_numpy()
+    return [str(names[i]) for i in np.lexsort((names, -value.to_numpy()))[:n]]
+
+
+def with_rfm_scores(features: pd.DataFrame) -> pd.DataFrame:
+    """RFM scores by percentile rank among all customers of the table: a global step, so the partitioned path
+    recomputes them once over the concatenated parts."""
+    r = quantile_score(features["recency_days"], higher_is_better=False)
+    f = quantile_score(features["frequency_orders"])
+    m = quantile_score(features["monetary_total"])
+    return features.assign(r_score=r, f_score=f, m_score=m, rfm_score=r + f + m)
 
 
 def _returned_value(lines: pd.DataFrame, is_return: np.ndarray, line_customer: np.ndarray, n: int) -> np.ndarray:
@@ -175,6 +203,32 @@ def _returned_value(lines: pd.DataFrame, is_return: np.ndarray, line_customer: n
         value = -lines["line_amount"].to_numpy(dtype=np.float64)
     counted = is_return & (line_customer >= 0)  # returns of customers without purchases before have no row
     return _per(line_customer[counted], n, value[counted])
+
+
+def _features_part(order_lines: pd.DataFrame, customers: pd.DataFrame, as_of: date,
+                   top_categories: list[str]) -> pd.DataFrame | None:
+    return build_customer_features(customers, order_lines, as_of, top_categories) if len(order_lines) else None
+
+
+def features_partitioned(client: Any, customers: pd.DataFrame, order_lines: str | Path, as_of: date) -> pd.DataFrame:
+    """``build_customer_features`` on a Dask cluster, with the order lines (a Parquet file) split by customer.
+
+    Every feature is one customer's, except two global steps done here once: the top categories (from the
+    partitions' purchase value per category, added up) are fixed before the partitions run, and the RFM scores
+    (percentile ranks among all customers) are recomputed over the concatenated table.
+    """
+    from crm_analytics.distributed import by_customer, partition_count
+
+    parts = by_customer(order_lines, partition_count(client), client)
+    values = client.gather(client.map(purchase_value_by_category, parts, as_of=as_of))
+    top = top_of(pd.concat(values).groupby(level=0).sum())
+    shared = client.scatter(customers[["customer_id", "signup_date"]], broadcast=True)
+    tables = [t for t in client.gather(client.map(_features_part, parts, customers=shared, as_of=as_of,
+                                                  top_categories=top)) if t is not None and len(t)]
+    if not tables:  # nobody bought: the local core builds the empty table
+        return build_customer_features(customers, pq.read_table(order_lines).to_pandas(), as_of)
+    table = pd.concat(tables, ignore_index=True).sort_values("customer_id", ignore_index=True)
+    return with_rfm_scores(table)
 
 
 def features_section(table: pd.DataFrame) -> str:
@@ -191,10 +245,15 @@ def features_section(table: pd.DataFrame) -> str:
 @stage_task("features")
 def features(run: RunSpec, cleaned: StageResult) -> StageResult:
     store = run.store
-    table = build_customer_features(store.read_frame(cleaned.ref("customers")),
-                                    store.read_frame(cleaned.ref("order_lines")), run.as_of)
+    customers = store.read_frame(cleaned.ref("customers"))
+    with stage_client() as client:
+        if client is None:
+            table = build_customer_features(customers, store.read_frame(cleaned.ref("order_lines")), run.as_of)
+        else:
+            table = features_partitioned(client, customers, cleaned.ref("order_lines").file, run.as_of)
+        ran_on = executor_metrics(client)
     stage_logger().info("features for %d customers", len(table))
     ref = store.write_frame("features", "customer_features", table)
     return StageResult(stage="features", artifacts={"customer_features": ref},
-                       metrics={"customers": len(table), "columns": len(table.columns)},
+                       metrics={"customers": len(table), "columns": len(table.columns), "executor": ran_on},
                        report_section=features_section(table))

@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from crm_analytics.artifacts import StageResult
+from crm_analytics.distributed import executor_metrics, partition_count, stage_client
 from crm_analytics.mapping import (
     DatabaseSpec,
     EntitySource,
@@ -180,6 +182,19 @@ def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource) -> di
 
 
 # ---- IO edge ------------------------------------------------------------------------------------------------
+def source_columns(path: Path, source: EntitySource) -> list[str]:
+    """The column names of one source file, from its header (CSV) or schema (Parquet), without reading rows."""
+    if source.format == "parquet":
+        return pq.read_schema(path).names
+    options = source.csv
+    with path.open(encoding=options.encoding, newline="") as handle:
+        header = next(csv.reader(handle, delimiter=options.delimiter, quotechar=options.quote_char), None)
+    if not header:
+        raise SourceSchemaError(f"{path}: empty file or no header line")
+    header[0] = header[0].lstrip("\ufeff")
+    return header
+
+
 def read_source_text(path: Path, source: EntitySource) -> pd.DataFrame:
     """Read one file with every column as text, plus its line number per row."""
     if source.format == "parquet":
@@ -187,11 +202,7 @@ def read_source_text(path: Path, source: EntitySource) -> pd.DataFrame:
         frame = table.cast(pa.schema([(f.name, pa.string()) for f in table.schema])).to_pandas()
     else:
         options = source.csv
-        with path.open(encoding=options.encoding, newline="") as handle:
-            header = next(csv.reader(handle, delimiter=options.delimiter, quotechar=options.quote_char), None)
-        if not header:
-            raise SourceSchemaError(f"{path}: empty file or no header line")
-        header[0] = header[0].lstrip("\ufeff")
+        header = source_columns(path, source)
         try:
             table = pacsv.read_csv(
                 path,
@@ -212,8 +223,12 @@ def read_source_text(path: Path, source: EntitySource) -> pd.DataFrame:
 
 
 def read_files(entity: str, source: EntitySource, landing: Path, as_of: date,
-               files: list[Path] | None = None) -> pd.DataFrame:
-    """Every selected file as text; a file without the mapping's required columns is named in the error."""
+               files: list[Path] | None = None, like: Path | None = None) -> pd.DataFrame:
+    """Every selected file as text; a file without the mapping's required columns is named in the error.
+
+    Every file must have the columns of the first one, or of ``like`` when given (the first file of the whole
+    entity, when ``files`` is one batch of it).
+    """
     files = select_files(landing, source, as_of) if files is None else files
     required = {source.columns.get(c, c) for c in REQUIRED_COLUMNS[entity]}
     if not files:
@@ -229,13 +244,54 @@ def read_files(entity: str, source: EntitySource, landing: Path, as_of: date,
                                     f"{[c for c in text.columns if not c.startswith('_')]}")
         text[SOURCE_FILE] = str(path.relative_to(landing)) if path.is_relative_to(landing) else str(path)
         parts.append(text)
-    expected = set(parts[0].columns)
+    first = like or files[0]
+    expected = ({*source_columns(like, source), SOURCE_LINE, SOURCE_FILE} if like is not None
+                else set(parts[0].columns))
     for path, part in zip(files, parts, strict=True):
         if set(part.columns) != expected:
             raise SourceSchemaError(f"{entity}: {path} has columns {sorted(set(part.columns) - {SOURCE_FILE})}, but "
-                                    f"{files[0]} has {sorted(expected - {SOURCE_FILE})}")
+                                    f"{first} has {sorted(expected - {SOURCE_FILE})}")
     # Parse once over all files: per-file parsing costs a fixed overhead per landing file.
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def parse_files(entity: str, mapping: SourceMapping, landing: Path, as_of: date, files: list[Path],
+                like: Path | None = None) -> pd.DataFrame:
+    """Read ``files`` of ``entity`` and parse them: the unit of work of both the local and the partitioned path."""
+    source = mapping.entities[entity]
+    text = read_files(entity, source, landing, as_of, files, like)
+    return parse_entity(text, entity, mapping, f"{entity} files {source.files!r}")
+
+
+FileParser = Callable[[str, SourceMapping, Path, date, list[Path]], pd.DataFrame]
+
+
+def file_batches(files: list[Path], batches: int) -> list[list[Path]]:
+    """``files`` cut, in order, into at most ``batches`` runs of about equal bytes."""
+    sizes = np.array([p.stat().st_size for p in files], dtype=np.float64) + 1.0
+    edges = np.searchsorted(np.cumsum(sizes), np.arange(1, batches) * sizes.sum() / batches, side="left")
+    bounds = [0, *sorted({int(e) + 1 for e in edges if 0 <= e < len(files) - 1}), len(files)]
+    return [files[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def partitioned_parser(client: Any, partitions: int) -> FileParser:
+    """``parse_files`` run on a Dask cluster: an entity's files in contiguous batches, one task per batch.
+
+    Batches, not single files: a daily export has hundreds of small files, and a task per file costs more in
+    scheduling than its parsing. Four batches per partition keep the workers evenly busy. The batches come
+    back in file order, so the concatenation equals a local read (a batch checks its files' columns against
+    the entity's first file, as a local read does).
+    """
+
+    def parse(entity: str, mapping: SourceMapping, landing: Path, as_of: date, files: list[Path]) -> pd.DataFrame:
+        if len(files) < 2:
+            return parse_files(entity, mapping, landing, as_of, files)
+        batches = file_batches(files, 4 * partitions)
+        futures = client.map(parse_files, [entity] * len(batches), [mapping] * len(batches),
+                             [landing] * len(batches), [as_of] * len(batches), batches, like=files[0])
+        return pd.concat(client.gather(futures), ignore_index=True)
+
+    return parse
 
 
 def database_url(spec: DatabaseSpec) -> str:
@@ -301,11 +357,15 @@ def reusable_history(history: History | None, files: list[Path]) -> bool:
 
 
 def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_override: str | None = None,
-               history: dict[str, History] | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
+               history: dict[str, History] | None = None,
+               parse: FileParser = parse_files) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
     """Every entity of the mapping, read or derived, parsed and typed.
 
     ``history`` (daily-file entities only) holds an earlier run's parsed rows: when its files are unchanged,
     only the new days' files are read and parsed, and the result equals a full read.
+    ``parse`` reads and parses one entity's files: ``parse_files`` here, or the same split into batches on
+    a Dask cluster (``partitioned_parser``); derived and SQL entities are
+    always built here (a derivation groups the whole origin entity; a query is one read).
     Returns the frames and, per entity, the files read and how (``full`` or ``incremental``).
     """
     landing = mapping.landing_path(data_root, landing_override)
@@ -327,13 +387,11 @@ def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_ove
             new_files = [p for p in files if str(p) not in previous.files]
             parts = [previous.frame]
             if new_files:
-                text = read_files(entity, source, landing, as_of, new_files)
-                parts.append(parse_entity(text, entity, mapping, f"{entity} files {source.files!r}"))
+                parts.append(parse(entity, mapping, landing, as_of, new_files))
             frames[entity] = pd.concat(parts, ignore_index=True) if len(parts) > 1 else previous.frame
             sources[entity] = {"mode": "incremental", "new_files": len(new_files), "files": file_states(files)}
         else:
-            text = read_files(entity, source, landing, as_of, files)
-            frames[entity] = parse_entity(text, entity, mapping, f"{entity} files {source.files!r}")
+            frames[entity] = parse(entity, mapping, landing, as_of, files)
             sources[entity] = {"mode": "full", "files": file_states(files)}
     return frames, sources
 
@@ -382,8 +440,11 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None) -> S
     log = stage_logger()
     mapping = load_mapping(mapping_name)
     store = run.store
-    frames, sources = ingest_all(mapping, run.data_root, run.as_of, landing_dir,
-                                 history=load_history(run, mapping, mapping_name, landing_dir))
+    with stage_client() as client:
+        parse = parse_files if client is None else partitioned_parser(client, partition_count(client))
+        frames, sources = ingest_all(mapping, run.data_root, run.as_of, landing_dir,
+                                     history=load_history(run, mapping, mapping_name, landing_dir), parse=parse)
+        ran_on = executor_metrics(client)
     artifacts, metrics = {}, {}
     for entity, frame in frames.items():
         artifacts[entity] = store.write_frame("raw", entity, frame)
@@ -397,4 +458,5 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None) -> S
         "landing": str(mapping.landing_path(run.data_root, landing_dir)),
         "entities": sources,
     })
-    return StageResult(stage="ingest", artifacts=artifacts, metrics={"mapping": mapping.name, "entities": metrics})
+    return StageResult(stage="ingest", artifacts=artifacts, metrics={"mapping": mapping.name, "entities": metrics,
+                                                                     "executor": ran_on})
