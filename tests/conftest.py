@@ -20,6 +20,16 @@ from crm_analytics.sample_data import GeneratorConfig, generate  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ONLINE_RETAIL = REPO_ROOT.parent / "shared" / "datasets" / "online_retail"
+# What the dataset's README publishes about the whole export (2010-12-01 .. 2011-12-09).
+ONLINE_RETAIL_FACTS = {"rows": 541_909, "files": 305, "rows_with_customer_id": 406_829,
+                       "distinct_customer_ids": 4_372, "exact_duplicate_rows": 5_268, "cancellation_rows": 9_288}
+
+
+def assert_published_facts(inputs: dict) -> None:
+    """A manifest's ingest figures for the whole Online Retail export equal the published ones."""
+    lines = inputs["entities"]["order_lines"]
+    assert {key: lines[key] for key in ONLINE_RETAIL_FACTS} == ONLINE_RETAIL_FACTS
+    assert inputs["entities"]["customers"]["rows"] == ONLINE_RETAIL_FACTS["distinct_customer_ids"]
 
 
 @pytest.fixture(scope="session")
