@@ -83,6 +83,7 @@ def factor_candidates(importances: pd.DataFrame, customers: int) -> list[str]:
     limit, reduced = FACTOR_CANDIDATES_AT_SCALE
     return importances["feature"].head(reduced if customers > limit else MAX_FACTOR_CANDIDATES).tolist()
 # Rows each forest tree is grown on: beyond this a tree's cost keeps growing while the forest's AUC does not.
+# Past it, trees are grown on subsamples and 100 of them suffice (300 below it, where rows are few).
 FOREST_MAX_SAMPLES = 25_000
 ENSEMBLE = "ensemble"
 ENSEMBLE_MEMBERS = ("logistic_regression", "random_forest", "gradient_boosting")
@@ -381,15 +382,16 @@ def candidate_models(numeric: list[str], categorical: list[str], seed: int,
                      balance: bool = True, training_rows: int = 0) -> dict[str, Any]:
     """The four families compared every run, and the mean of the three strongest; hyper-parameters are fixed
     and conservative (no per-run search, so the validation data is used once, for the comparison)."""
+    subsample = training_rows > FOREST_MAX_SAMPLES
     models = {
         "logistic_regression": LogisticRegression(C=1.0, max_iter=2000),
         "decision_tree": DecisionTreeClassifier(max_depth=6, min_samples_leaf=40, random_state=seed),
-        "random_forest": RandomForestClassifier(n_estimators=300, min_samples_leaf=20, max_features="sqrt",
+        "random_forest": RandomForestClassifier(n_estimators=100 if subsample else 300, min_samples_leaf=20,
+                                                max_features="sqrt",
+                                                max_samples=FOREST_MAX_SAMPLES / training_rows if subsample else None,
                                                 # one job: parallel trees sum probabilities in a varying
                                                 # order, and a rerun must give the same bytes
-                                                n_jobs=1, random_state=seed,
-                                                max_samples=FOREST_MAX_SAMPLES / training_rows
-                                                if training_rows > FOREST_MAX_SAMPLES else None),
+                                                n_jobs=1, random_state=seed),
         "gradient_boosting": HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, max_leaf_nodes=15,
                                                             min_samples_leaf=40, l2_regularization=1.0,
                                                             early_stopping=False, random_state=seed),

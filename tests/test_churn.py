@@ -378,3 +378,11 @@ def test_training_population_is_a_stable_sample_that_keeps_each_customers_lines(
     assert set(kept["customer_id"]) <= set(grown["customer_id"])
     other_seed, _ = training_population(customers, lines, 10_000, seed=2)
     assert set(other_seed["customer_id"]) != set(kept["customer_id"])
+
+
+def test_forest_trees_see_a_bounded_sample_once_training_rows_are_many():
+    small = candidate_models(["a"], [], seed=0, training_rows=10_000)["random_forest"].estimator
+    large = candidate_models(["a"], [], seed=0, training_rows=100_000)["random_forest"].estimator
+    small_forest, large_forest = small.named_steps["model"], large.named_steps["model"]
+    assert (small_forest.n_estimators, small_forest.max_samples) == (300, None)
+    assert large_forest.n_estimators == 100 and large_forest.max_samples * 100_000 == 25_000
