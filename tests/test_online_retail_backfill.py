@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -55,7 +55,7 @@ def monthly_backfill(tmp_path_factory, prefect_server):
     assert backfill_dates(START, END, "month") == DATES
     root = tmp_path_factory.mktemp("online-retail-backfill")
     options = PipelineOptions(mapping="online_retail", landing_dir=str(BY_DAY), data_root=str(root))
-    started = time.perf_counter()
+    began, started = datetime.now(UTC), time.perf_counter()
     first = backfill(start=START, end=END, step="month", concurrency=1, options=options)
     seconds = time.perf_counter() - started
     manifests = {d: json.loads((root / "runs" / f"as_of={d}" / "_manifest.json").read_text()) for d in DATES}
@@ -67,7 +67,7 @@ def monthly_backfill(tmp_path_factory, prefect_server):
         print(f"  {d}: ingest {ingest['entities']['order_lines']['read']}, "
               f"{ingest['timing']['wall_seconds']:.1f}s, {ingest['entities']['order_lines']['rows']} lines")
     return {"root": root, "options": options, "first": first, "again": again, "manifests": manifests,
-            "records": records, "seconds": seconds}
+            "records": records, "seconds": seconds, "began": began}
 
 
 def test_every_month_ran_and_a_second_backfill_skips_them_all(monthly_backfill):
@@ -83,11 +83,14 @@ def test_every_month_ran_and_a_second_backfill_skips_them_all(monthly_backfill):
 
 def test_each_date_is_its_own_completed_flow_run_on_the_server(monthly_backfill):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, FlowRunFilterStartTime
 
     names = [f"customer-analytics-{d}" for d in DATES]
+    # Only runs started by this backfill: other tests of the session run some of the same dates on this server.
+    since = FlowRunFilterStartTime(after_=monthly_backfill["began"])
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names)))
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=names),
+                                                                   start_time=since))
     assert sorted(r.name for r in runs) == names  # one run per date, none repeated by the second backfill
     assert all(r.state is not None and r.state.is_completed() for r in runs)
     by_id = {str(r.id): r.name for r in runs}
