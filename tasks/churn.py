@@ -24,6 +24,9 @@ trusted types, next to a JSON sidecar with their training window, features, para
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
 from typing import Any, NamedTuple
 
@@ -72,6 +75,9 @@ PERMUTATION_REPEATS = 3
 MAX_CATEGORY_LEVELS = 30
 PERMUTATION_MAX_ROWS = 5_000
 ABLATION_BATCH_ROWS = 400_000
+# Sklearn's tree and boosting predictors run without the GIL, so batches predicted on threads use every core;
+# batch boundaries depend on sizes only, never on the thread count, so results do not change with it.
+PREDICT_THREADS = max(1, min(4, os.cpu_count() or 1))
 BGNBD_FIT_ROWS = 20_000
 MAX_FACTOR_CANDIDATES = 12  # inputs searched for per-customer factors by ablation (by global importance)
 # Ablation costs one prediction per candidate and customer: past this many customers only the 6 globally most
@@ -535,24 +541,64 @@ def linear_contributions(model: BalancedClassifier, frame: pd.DataFrame) -> pd.D
     return pd.DataFrame(parts, index=frame.index, columns=groups).T.groupby(level=0, sort=False).sum().T
 
 
+def in_parallel_batches(n: int, batch: int, work: Callable[[int, int], None]) -> None:
+    """``work(start, stop)`` for consecutive batches of ``range(n)``, on ``PREDICT_THREADS`` threads. Every
+    thread pool (OpenMP, BLAS) is held at one thread meanwhile: the batches are the parallelism."""
+    starts = range(0, n, max(1, batch))
+    with threadpool_limits(limits=1), ThreadPoolExecutor(PREDICT_THREADS) as pool:
+        for done in [pool.submit(work, start, min(start + batch, n)) for start in starts]:
+            done.result()
+
+
+def _is_typical(values: np.ndarray, typical: Any) -> np.ndarray:
+    same = values == typical
+    return same | (pd.isna(values) & pd.isna(typical)) if pd.isna(typical) or values.dtype == object else same
+
+
+def predict_in_batches(model: Any, frame: pd.DataFrame) -> np.ndarray:
+    """``model.predict_proba(frame)[:, 1]``, batch by batch on every core."""
+    p = np.empty(len(frame))
+
+    def work(start: int, stop: int) -> None:
+        p[start:stop] = model.predict_proba(frame.iloc[start:stop])[:, 1]
+
+    in_parallel_batches(len(frame), ABLATION_BATCH_ROWS // 4, work)
+    return p
+
+
 def ablation_contributions(model: Any, frame: pd.DataFrame, numeric: list[str],
-                           categorical: list[str], reference: pd.DataFrame) -> pd.DataFrame:
+                           categorical: list[str], reference: pd.DataFrame,
+                           probability: np.ndarray | None = None) -> pd.DataFrame:
     """Per customer and input column: the predicted probability minus the prediction with that column set to
     a typical value (the reference rows' median, or most common category). Model-agnostic and exact for the
-    customer at hand; all variants go through the model in a few large batches."""
+    customer at hand; all variants go through the model in a few large batches. A customer whose value already
+    is the typical one has an effect of exactly 0 and is not predicted again; ``probability`` (the model's
+    predictions for ``frame``, when the caller has them) saves predicting the customers as they are."""
+    p_now = predict_in_batches(model, frame) if probability is None else np.asarray(probability)
     typical = {c: reference[c].median() for c in numeric}
     typical |= {c: reference[c].mode(dropna=True).iloc[0] if reference[c].notna().any() else np.nan
                 for c in categorical}
     columns = [*numeric, *categorical]
-    effects = np.empty((len(frame), len(columns)))
-    chunk = max(1, ABLATION_BATCH_ROWS // (len(columns) + 1))
-    for start in range(0, len(frame), chunk):
-        part = frame.iloc[start:start + chunk]
-        # Block 0 is the customers as they are, block j + 1 has column j set to its typical value.
-        replacements = [(j + 1, column, typical[column]) for j, column in enumerate(columns)]
-        p = model.predict_proba(stacked_copies(part, len(columns) + 1, replacements))[:, 1]
-        p = p.reshape(len(columns) + 1, len(part))
-        effects[start:start + len(part)] = (p[0] - p[1:]).T
+    effects = np.zeros((len(frame), len(columns)))
+
+    def work(start: int, stop: int) -> None:
+        part = frame.iloc[start:stop]
+        changed = [np.flatnonzero(~_is_typical(part[c].to_numpy(), typical[c])) for c in columns]
+        # Per column j, the customers whose value differs from the typical one, with column j set to it.
+        arrays = {c: np.concatenate([part[c].to_numpy()[rows] for rows in changed]) for c in part.columns}
+        offset = 0
+        for column, rows in zip(columns, changed, strict=True):
+            arrays[column][offset:offset + len(rows)] = typical[column]
+            offset += len(rows)
+        if offset == 0:
+            return
+        p = model.predict_proba(pd.DataFrame(arrays))[:, 1]
+        offset = 0
+        for j, rows in enumerate(changed):
+            effects[start + rows, j] = p_now[start + rows] - p[offset:offset + len(rows)]
+            offset += len(rows)
+
+    in_parallel_batches(len(frame), ABLATION_BATCH_ROWS // (len(columns) + 1), work)
     return pd.DataFrame(effects, index=frame.index, columns=columns)
 
 
@@ -580,12 +626,12 @@ def top_factors(contributions: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 def explain(model: Any, name: str, frame: pd.DataFrame, numeric: list[str], categorical: list[str],
-            reference: pd.DataFrame, n: int) -> pd.DataFrame:
+            reference: pd.DataFrame, n: int, probability: np.ndarray | None = None) -> pd.DataFrame:
     """Top factors per customer: a linear model's own contributions, otherwise the ablation effects (see
     ``explain_method`` for the wording the report uses)."""
     if name == "logistic_regression" and isinstance(model, BalancedClassifier):
         return top_factors(linear_contributions(model, frame), n)
-    return top_factors(ablation_contributions(model, frame, numeric, categorical, reference), n)
+    return top_factors(ablation_contributions(model, frame, numeric, categorical, reference, probability), n)
 
 
 def explain_method(name: str) -> str:
@@ -605,13 +651,15 @@ def global_importances(model: Any, frame: pd.DataFrame, y: np.ndarray, seed: int
     frame = frame.reset_index(drop=True)
     baseline = roc_auc_score(y, model.predict_proba(frame)[:, 1])
     jobs = [(column, r) for column in frame.columns for r in range(PERMUTATION_REPEATS)]
+    orders = [rng.permutation(len(frame)) for _ in jobs]
     drops = np.empty(len(jobs))
-    chunk = max(1, ABLATION_BATCH_ROWS // len(frame))
-    for start in range(0, len(jobs), chunk):
-        part = jobs[start:start + chunk]
-        shuffled = [(k, c, frame[c].to_numpy()[rng.permutation(len(frame))]) for k, (c, _) in enumerate(part)]
-        p = model.predict_proba(stacked_copies(frame, len(part), shuffled))[:, 1].reshape(len(part), len(frame))
-        drops[start:start + len(part)] = [baseline - roc_auc_score(y, row) for row in p]
+
+    def work(start: int, stop: int) -> None:
+        shuffled = [(k, jobs[i][0], frame[jobs[i][0]].to_numpy()[orders[i]]) for k, i in enumerate(range(start, stop))]
+        p = model.predict_proba(stacked_copies(frame, stop - start, shuffled))[:, 1].reshape(stop - start, len(frame))
+        drops[start:stop] = [baseline - roc_auc_score(y, row) for row in p]
+
+    in_parallel_batches(len(jobs), ABLATION_BATCH_ROWS // len(frame), work)
     table = pd.DataFrame({"feature": [c for c, _ in jobs], "auc_drop": drops}).groupby("feature", sort=False)[
         "auc_drop"].agg(auc_drop="mean", auc_drop_std="std").reset_index()
     return table.sort_values("auc_drop", ascending=False, ignore_index=True)
@@ -726,10 +774,10 @@ def score_customers(model: Any, name: str, frame: pd.DataFrame, numeric: list[st
     are looked for among ``factor_candidates`` (the globally most important inputs), which bounds their cost
     at one prediction per candidate and customer."""
     x = model_frame(frame, numeric, categorical)
-    p = model.predict_proba(x)[:, 1] if probability is None else probability
+    p = predict_in_batches(model, x) if probability is None else probability
     keep = set(factor_candidates) if factor_candidates is not None else set(numeric) | set(categorical)
     factors = explain(model, name, x, [c for c in numeric if c in keep], [c for c in categorical if c in keep],
-                      model_frame(reference, numeric, categorical), options.top_factors)
+                      model_frame(reference, numeric, categorical), options.top_factors, p)
     scores = pd.DataFrame({
         ID: frame[ID].to_numpy(),
         "churn_probability": np.round(p, 6),
@@ -846,7 +894,7 @@ def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: d
     current = churn_features(customers, order_lines, as_of, h, model_cats, options.active_within_days)
     scores = score_customers(model, name, current, model_numeric, [], reference, metrics_now["threshold"], options,
                              factor_candidates=factor_candidates(importances, len(current)))
-    gaps = interpurchase_gaps(order_lines, as_of)
+    gaps = interpurchase_gaps(learner_lines, as_of)  # a population statistic: the training sample suffices
 
     validation_predictions = pd.DataFrame({ID: valid[ID], LABEL: y_valid, "probability": p_valid,
                                            **{f"p_{k}": v for k, v in predictions.items()}})
@@ -859,7 +907,8 @@ def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: d
         "champion_validation": decision.champion_metrics,
         "challenger_validation": challenger_metrics,
         "horizon_days": h,
-        "horizon": horizon_advice(gaps, h),
+        "horizon": {**horizon_advice(gaps, h), "customers_measured": int(learners[ID].nunique()),
+                    "customers_total": int(customers[ID].nunique())},
         "train_cutoff": train_cutoffs[-1].isoformat(),
         "train_cutoffs": [c.isoformat() for c in train_cutoffs],
         "validation_cutoff": valid_cutoff.isoformat(),
@@ -1069,8 +1118,10 @@ def horizon_text(metrics: dict) -> str:
     q = advice.get("quantiles") or {}
     if not q:
         return ""
+    measured, total = advice.get("customers_measured"), advice.get("customers_total")
+    sample = f" by a sample of {measured:,} of the {total:,} customers" if measured and measured < total else ""
     return (f"**Choosing the horizon.** Between consecutive orders of the same customer ({advice['repeat_gaps']:,} "
-            f"repeat purchases) the gap is {q['p50']:.0f} days at the median, {q['p75']:.0f} at the 75th, "
+            f"repeat purchases{sample}) the gap is {q['p50']:.0f} days at the median, {q['p75']:.0f} at the 75th, "
             f"{q['p90']:.0f} at the 90th and {q['p95']:.0f} at the 95th percentile; "
             f"{advice['share_within_horizon']:.0%} of repeat purchases come within the {metrics['horizon_days']}-day "
             f"horizon. Suggested horizon: **{advice['suggested_horizon_days']} days** (90th percentile, rounded up "

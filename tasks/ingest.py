@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -36,6 +37,7 @@ from crm_analytics.mapping import (
 )
 from crm_analytics.parameters import RunSpec, as_of_end
 from crm_analytics.schema import PARSE_ERRORS, REQUIRED_COLUMNS, SOURCE_FILE, SOURCE_LINE, ColumnType
+from tasks.clean import exact_duplicate_rows
 from tasks.common import IO_RETRY, SourceSchemaError, stage_logger, stage_task
 
 _TRUE = {"true", "t", "yes", "y", "1"}
@@ -44,17 +46,89 @@ ENTITY_KEYS = {"customers": "customer_id", "products": "product_id"}
 
 
 # ---- pure core ------------------------------------------------------------------------------------------
+# Text that Arrow parses exactly as pandas does goes through Arrow's kernels (4-8x faster than pandas' parsers on
+# Arrow-backed text); anything else ("nan", "inf", offsets, impossible dates, other layouts) goes through
+# pandas, so a value's result never depends on the path it took (tests compare both on edge cases).
+PLAIN_NUMBER = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"
+NAIVE_ISO_TIMESTAMP = (r"^\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])"
+                       r"(?:[T ](?:[01]\d|2[0-3])(?::[0-5]\d(?::[0-5]\d(?:\.\d{1,6})?)?)?)?$")
+UTC_OFFSET = r"\d:\d{2}(?::\d{2}(?:\.\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)$"  # after a time, not a date's -DD
+
+
+def _arrow_text(values: pd.Series) -> pa.Array:
+    return pa.array(values.astype("string[pyarrow]").array)
+
+
+def parse_numbers(text: pd.Series) -> pd.Series:
+    """Stripped text (missing as NA) as float64; unparseable values become NaN, as with ``pd.to_numeric``."""
+    arrow = _arrow_text(text)
+    plain = pc.fill_null(pc.match_substring_regex(arrow, PLAIN_NUMBER), False)
+    number = pd.Series(pc.cast(pc.if_else(plain, arrow, pa.scalar(None, arrow.type)), pa.float64())
+                       .to_numpy(zero_copy_only=False), index=text.index, dtype="float64")
+    rest = text.notna().to_numpy() & ~plain.to_numpy(zero_copy_only=False)
+    if rest.any():
+        number[rest] = pd.to_numeric(text[rest], errors="coerce").astype("float64")
+    return number
+
+
+def _pandas_timestamps(text: pd.Series, timezone: str, fmt: str | None) -> pd.Series:
+    parsed = pd.to_datetime(text, format=fmt or "ISO8601", errors="coerce", utc=False)
+    if getattr(parsed.dt, "tz", None) is None:
+        parsed = parsed.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
+    return parsed.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
+
+
+def _iso_timestamps(text: pd.Series, timezone: str) -> pd.Series:
+    """ISO 8601 text through pandas: values with an offset (or Z) keep it, whichever offsets they carry (DST
+    changes them within a column), the others are local times in ``timezone``."""
+    offset = text.str.contains(UTC_OFFSET, regex=True).fillna(False).to_numpy()
+    out = _pandas_timestamps(text.where(~offset), timezone, None)
+    if offset.any():
+        out[offset] = pd.to_datetime(text[offset], format="ISO8601", errors="coerce", utc=True).astype(
+            "datetime64[us, UTC]")
+    return out
+
+
+def parse_timestamps(text: pd.Series, timezone: str, fmt: str | None) -> pd.Series:
+    """Stripped text (missing as NA) as UTC timestamps: naive values are local times in ``timezone`` (an
+    ambiguous or non-existent local time becomes NaT), values with an offset keep it; unparseable ones NaT."""
+    if fmt is not None:
+        return _pandas_timestamps(text, timezone, fmt)
+    arrow = _arrow_text(text)
+    naive_iso = pc.fill_null(pc.match_substring_regex(arrow, NAIVE_ISO_TIMESTAMP), False)
+    try:  # Arrow's cast takes only valid naive ISO 8601 and fails on anything else, 2025-02-30 included
+        naive = pc.cast(pc.if_else(naive_iso, arrow, pa.scalar(None, arrow.type)), pa.timestamp("us"))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return _iso_timestamps(text, timezone)
+    local = pd.Series(naive.to_numpy(zero_copy_only=False), index=text.index, dtype="datetime64[us]")
+    local = local.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC").astype(
+        "datetime64[us, UTC]")
+    rest = text.notna().to_numpy() & ~naive_iso.to_numpy(zero_copy_only=False)
+    if rest.any():
+        local[rest] = _iso_timestamps(text[rest], timezone)
+    return local
+
+
+def normalised_text(values: pd.Series) -> pd.Series:
+    """Text without surrounding blanks; empty as missing."""
+    return values.astype("string").str.strip().replace("", pd.NA)
+
+
 def coerce_column(values: pd.Series, kind: ColumnType, timezone: str = "UTC",
                   fmt: str | None = None) -> pd.Series:
     """Parse text into ``kind``; anything that does not parse becomes null (the caller records it)."""
-    text = values.astype("string").str.strip().replace("", pd.NA)
+    return parse_text(normalised_text(values), kind, timezone, fmt)
+
+
+def parse_text(text: pd.Series, kind: ColumnType, timezone: str = "UTC", fmt: str | None = None) -> pd.Series:
+    """``coerce_column`` for text that is already normalised."""
     if kind == "string":
         return text
     if kind in ("int", "float"):
-        number = pd.to_numeric(text, errors="coerce")
+        number = parse_numbers(text)
         if kind == "float":
-            return number.astype("float64")
-        whole = number.where(np.isclose(number, np.round(number)))
+            return number
+        whole = number.where(np.isfinite(number) & np.isclose(number, np.round(number)))
         return whole.round().astype("Int64")
     if kind == "bool":
         lowered = text.str.lower()
@@ -63,10 +137,7 @@ def coerce_column(values: pd.Series, kind: ColumnType, timezone: str = "UTC",
         parsed[lowered.isin(_FALSE).fillna(False)] = False
         return parsed
     if kind == "timestamp":
-        parsed = pd.to_datetime(text, format=fmt or "ISO8601", errors="coerce", utc=False)
-        if getattr(parsed.dt, "tz", None) is None:
-            parsed = parsed.dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
-        return parsed.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
+        return parse_timestamps(text, timezone, fmt)
     raise ValueError(f"unknown column type {kind!r}")
 
 
@@ -93,11 +164,12 @@ def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source
         if column not in text.columns:
             out[canonical] = coerce_column(pd.Series(pd.NA, index=text.index, dtype="string"), kind)
             continue
-        raw = text[column].astype("string").str.strip().replace("", pd.NA)
+        raw = normalised_text(text[column])
         if canonical in source.regex_replace:
             fix = source.regex_replace[canonical]
             raw = raw.str.replace(fix.pattern, fix.repl, regex=True)
-        parsed = coerce_column(raw, kind, mapping.timezone, source.formats.get(canonical))
+        parsed = parse_text(normalised_text(raw) if canonical in source.regex_replace else raw, kind,
+                            mapping.timezone, source.formats.get(canonical))
         failed = raw.notna() & parsed.isna()
         if failed.any():
             shown = ("<redacted>" if canonical in source.pii
@@ -167,9 +239,7 @@ def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource) -> di
         "first_file": str(files[0]) if files else None,
         "last_file": str(files[-1]) if files else None,
         "unparseable_rows": int(frame[PARSE_ERRORS].notna().sum()),
-        # Row hashes instead of DataFrame.duplicated (cheaper on arrow strings); a 64-bit collision among
-        # them has odds of about 1 in 400,000, and the clean stage drops duplicates by exact comparison.
-        "exact_duplicate_rows": int(pd.util.hash_pandas_object(frame[data_columns], index=False).duplicated().sum()),
+        "exact_duplicate_rows": int(exact_duplicate_rows(frame, data_columns).sum()),  # as the clean stage drops them
     }
     if "customer_id" in frame.columns:
         metrics["rows_with_customer_id"] = int(frame["customer_id"].notna().sum())

@@ -274,6 +274,36 @@ def test_ablation_gives_zero_to_a_column_the_model_ignores():
     assert top_factors(effects, 2)["factor_1"].tolist() == ["a", "a", "a"]
 
 
+def _ablation_by_full_copies(model, frame, columns, typical):
+    """The definition, spelled out: every customer predicted once as they are and once per column replaced."""
+    base = model.predict_proba(frame)[:, 1]
+    return pd.DataFrame({c: base - model.predict_proba(frame.assign(**{c: typical[c]}))[:, 1] for c in columns},
+                        index=frame.index)
+
+
+def test_batched_threaded_ablation_equals_the_definition_for_a_fitted_ensemble(monkeypatch):
+    import tasks.churn as churn
+
+    monkeypatch.setattr(churn, "ABLATION_BATCH_ROWS", 700)  # many batches over several threads
+    monkeypatch.setattr(churn, "PREDICT_THREADS", 3)
+    rng = np.random.default_rng(5)
+    n = 1_500
+    frame = pd.DataFrame({"count": rng.integers(0, 4, n).astype(float),  # many rows equal the median
+                          "amount": np.where(rng.random(n) < 0.1, np.nan, rng.gamma(2.0, 30.0, n)),
+                          "score": rng.normal(size=n)})
+    y = (rng.random(n) < 1 / (1 + np.exp(-(frame["score"] + 0.3 * frame["count"] - 1)))).astype(int)
+    numeric = list(frame.columns)
+    model = candidate_models(numeric, [], seed=1, training_rows=n)["ensemble"].fit(model_frame(frame, numeric, []), y)
+    x = model_frame(frame, numeric, [])
+    typical = {c: x[c].median() for c in numeric}
+    expected = _ablation_by_full_copies(model, x, numeric, typical)
+    got = ablation_contributions(model, x, numeric, [], reference=x)
+    pd.testing.assert_frame_equal(got, expected, rtol=0, atol=1e-12)
+    at_median = x["count"] == typical["count"]
+    assert at_median.sum() > 100 and (got["count"][at_median] == 0).all()
+    np.testing.assert_allclose(churn.predict_in_batches(model, x), model.predict_proba(x)[:, 1], rtol=0, atol=1e-12)
+
+
 def test_repeat_purchase_summary_is_x_tx_and_t_in_days():
     lines = _lines([("a", "2025-01-01 00:00", 1), ("a", "2025-01-11 00:00", 1), ("a", "2025-01-15 00:00", -1),
                     ("b", "2025-01-21 00:00", 1)])

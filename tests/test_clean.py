@@ -1,7 +1,8 @@
+import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.clean import clean_and_merge, key_positions, net_returns, normalise_products
+from tasks.clean import clean_and_merge, exact_duplicate_rows, key_positions, net_returns, normalise_products
 
 
 def _frames():
@@ -133,3 +134,30 @@ def test_product_names_are_normalised_to_the_most_frequent_spelling():
                              "name": ["Red  Mug", "Red Mug ", "RED MUG"]})
     out = normalise_products(products)
     assert out["name"].tolist() == ["Red Mug"]
+
+
+def _frame_with_duplicates(n: int = 3_000) -> pd.DataFrame:
+    rng = np.random.default_rng(11)
+    frame = pd.DataFrame({
+        "order_id": pd.array(rng.choice(["o1", "o2", "o3", None], n), dtype="string"),
+        "quantity": pd.array(rng.choice([1, 2, -1], n), dtype="Int64"),
+        "unit_price": rng.choice([0.0, -0.0, 1.5, np.nan], n),
+        "order_ts": pd.to_datetime(rng.choice(["2025-01-01", "2025-01-02"], n), utc=True),
+    })
+    frame.loc[rng.choice(n, 50), "quantity"] = pd.NA
+    return frame
+
+
+def test_exact_duplicate_rows_equals_dataframe_duplicated():
+    frame = _frame_with_duplicates()
+    expected = frame.duplicated(keep="first").to_numpy()
+    assert 0 < expected.sum() < len(frame)
+    np.testing.assert_array_equal(exact_duplicate_rows(frame, list(frame.columns)), expected)
+
+
+def test_exact_duplicate_rows_is_exact_even_when_every_row_hash_collides(monkeypatch):
+    frame = _frame_with_duplicates(500)
+    monkeypatch.setattr(pd.util, "hash_pandas_object",
+                        lambda f, index=False: pd.Series(np.zeros(len(f), dtype=np.uint64)))
+    np.testing.assert_array_equal(exact_duplicate_rows(frame, list(frame.columns)),
+                                  frame.duplicated(keep="first").to_numpy())

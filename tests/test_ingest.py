@@ -1,5 +1,6 @@
 from datetime import date
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -30,6 +31,56 @@ def test_coerce_timestamp_localises_naive_values_to_the_mapping_timezone():
 def test_coerce_timestamp_with_explicit_format():
     out = coerce_column(pd.Series(["12/1/2010 8:26"]), "timestamp", fmt="%m/%d/%Y %H:%M")
     assert out.iloc[0] == pd.Timestamp("2010-12-01 08:26", tz="UTC")
+
+
+EDGE_NUMBERS = ["3", "3.0", " 7 ", "3.5", "two", None, "", "nan", "NaN", "inf", "-Infinity", "-1e3", "1E5", "1e400",
+                "1e-400", "1_000", "0x10", ".5", "5.", "+5", "-.5e3", "1,5", "00012", "--5", "5e", "e5",
+                "12345678901234567890", "0.1000000000000000055511151231257827"]
+
+
+def _pandas_numbers(values: list) -> pd.Series:
+    text = pd.Series(values, dtype="string").str.strip().replace("", pd.NA)
+    return pd.to_numeric(text, errors="coerce").astype("float64")
+
+
+def test_number_parsing_equals_pandas_to_numeric_on_edge_cases_and_random_values():
+    rng = np.random.default_rng(7)
+    randoms = (rng.standard_normal(20_000) * 10.0 ** rng.integers(-12, 14, 20_000)).tolist()
+    values = EDGE_NUMBERS + [repr(v) for v in randoms] + [f"{v:.17g}" for v in randoms] + [f"{v:.2f}" for v in randoms]
+    fast = coerce_column(pd.Series(values), "float")
+    pd.testing.assert_series_equal(fast, _pandas_numbers(values), check_names=False)
+
+
+def test_coerce_int_rejects_infinite_and_fractional_values():
+    out = coerce_column(pd.Series(["inf", "-1e400", "2.5", "1e3", "nan"]), "int")
+    assert out.isna().tolist() == [True, True, True, False, True]
+    assert out.iloc[3] == 1000
+
+
+EDGE_TIMESTAMPS = ["2025-01-01 10:00:00", "2025-01-01T10:00:00", "2025-01-01", "2025-01-01 10:00", "2025-01-01 10",
+                   "2025-01-01 10:00:00.123", "2025-1-5 3:04:05", "20250101", "2025-02-30 10:00:00", "2025-13-01",
+                   "2025-01-01 24:00:00", "2025-01-01 10:00:60", "2025-03-30 02:30:00", "2025-10-26 02:30:00",
+                   "not a date", None, "", "2025-01-01T10:00:00.1234567"]
+
+
+@pytest.mark.parametrize("timezone", ["UTC", "Europe/Berlin", "America/New_York"])
+@pytest.mark.parametrize("values", [EDGE_TIMESTAMPS, [v for v in EDGE_TIMESTAMPS if v != "2025-02-30 10:00:00"],
+                                    [v for v in EDGE_TIMESTAMPS[:7] if v]],
+                         ids=["with an impossible date", "with other bad values", "all well-formed"])
+def test_timestamp_parsing_equals_pandas_on_naive_text(values, timezone):
+    expected = pd.to_datetime(pd.Series(values, dtype="string").str.strip().replace("", pd.NA), format="ISO8601",
+                              errors="coerce").dt.tz_localize(timezone, ambiguous="NaT", nonexistent="NaT")
+    fast = coerce_column(pd.Series(values), "timestamp", timezone=timezone)
+    pd.testing.assert_series_equal(fast, expected.dt.tz_convert("UTC").astype("datetime64[us, UTC]"),
+                                   check_names=False)
+
+
+def test_timestamps_with_offsets_keep_them_even_when_they_differ_and_mix_with_naive_ones():
+    out = coerce_column(pd.Series(["2025-01-01 10:00:00+01:00", "2025-07-01 10:00:00+02:00", "2025-07-01T08:00:00Z",
+                                   "2025-07-01 10:00:00", "2025-07-01"]), "timestamp", timezone="Europe/Berlin")
+    assert out.tolist() == [pd.Timestamp("2025-01-01 09:00", tz="UTC"), pd.Timestamp("2025-07-01 08:00", tz="UTC"),
+                            pd.Timestamp("2025-07-01 08:00", tz="UTC"), pd.Timestamp("2025-07-01 08:00", tz="UTC"),
+                            pd.Timestamp("2025-06-30 22:00", tz="UTC")]
 
 
 def test_parse_entity_records_each_unparseable_value_with_its_column():
