@@ -141,6 +141,15 @@ def parse_text(text: pd.Series, kind: ColumnType, timezone: str = "UTC", fmt: st
     raise ValueError(f"unknown column type {kind!r}")
 
 
+def parse_error_column(rows: int, problems: list[tuple[np.ndarray, np.ndarray]]) -> pd.arrays.ArrowStringArray:
+    """``_parse_errors``: per row, its columns' problems joined by "; " in column order; missing when none."""
+    errors = np.full(rows, None, dtype=object)
+    for positions, messages in problems:
+        before = errors[positions]
+        errors[positions] = [m if b is None else f"{b}; {m}" for b, m in zip(before, messages, strict=True)]
+    return pd.array(errors, dtype="string")
+
+
 def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source_name: str = "?") -> pd.DataFrame:
     """Map source columns onto the canonical ones and type them.
 
@@ -158,7 +167,7 @@ def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source
             f"{[c for c in text.columns if not c.startswith('_')]}"
         )
     out: dict[str, pd.Series] = {}
-    errors = pd.Series(pd.NA, index=text.index, dtype="string")
+    problems: list[tuple[np.ndarray, np.ndarray]] = []  # (row positions, "column='value'") per column
     for canonical, kind in types.items():
         column = renames[canonical]
         if column not in text.columns:
@@ -170,18 +179,16 @@ def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source
             raw = raw.str.replace(fix.pattern, fix.repl, regex=True)
         parsed = parse_text(normalised_text(raw) if canonical in source.regex_replace else raw, kind,
                             mapping.timezone, source.formats.get(canonical))
-        failed = raw.notna() & parsed.isna()
-        if failed.any():
-            shown = ("<redacted>" if canonical in source.pii
-                     else raw[failed].str.slice(0, 60).map(repr).astype("string"))
-            message = canonical + "=" + shown
-            errors = errors.mask(failed & errors.isna(), message).mask(failed & errors.notna(),
-                                                                        errors + "; " + message)
+        failed = np.flatnonzero((raw.notna() & parsed.isna()).to_numpy())
+        if len(failed):
+            shown = (np.full(len(failed), "<redacted>", dtype=object) if canonical in source.pii
+                     else raw.iloc[failed].str.slice(0, 60).map(repr).to_numpy(dtype=object))
+            problems.append((failed, canonical + "=" + shown))
         out[canonical] = parsed
     frame = pd.DataFrame(out, index=text.index)
     frame[SOURCE_FILE] = text[SOURCE_FILE].astype("string")
     frame[SOURCE_LINE] = text[SOURCE_LINE].astype("int64")
-    frame[PARSE_ERRORS] = errors
+    frame[PARSE_ERRORS] = parse_error_column(len(text), problems)
     return frame.reset_index(drop=True)
 
 
