@@ -544,7 +544,8 @@ def linear_contributions(model: BalancedClassifier, frame: pd.DataFrame) -> pd.D
 def in_parallel_batches(n: int, batch: int, work: Callable[[int, int], None]) -> None:
     """``work(start, stop)`` for consecutive batches of ``range(n)``, on ``PREDICT_THREADS`` threads. Every
     thread pool (OpenMP, BLAS) is held at one thread meanwhile: the batches are the parallelism."""
-    starts = range(0, n, max(1, batch))
+    batch = max(1, batch)
+    starts = range(0, n, batch)
     with threadpool_limits(limits=1), ThreadPoolExecutor(PREDICT_THREADS) as pool:
         for done in [pool.submit(work, start, min(start + batch, n)) for start in starts]:
             done.result()
