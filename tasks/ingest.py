@@ -128,7 +128,7 @@ def parse_text(text: pd.Series, kind: ColumnType, timezone: str = "UTC", fmt: st
         number = parse_numbers(text)
         if kind == "float":
             return number
-        whole = number.where(np.isfinite(number) & np.isclose(number, np.round(number)))
+        whole = number.where((np.abs(number) < 2.0**63) & np.isclose(number, np.round(number)))  # fits int64
         return whole.round().astype("Int64")
     if kind == "bool":
         lowered = text.str.lower()

@@ -51,10 +51,10 @@ def test_number_parsing_equals_pandas_to_numeric_on_edge_cases_and_random_values
     pd.testing.assert_series_equal(fast, _pandas_numbers(values), check_names=False)
 
 
-def test_coerce_int_rejects_infinite_and_fractional_values():
-    out = coerce_column(pd.Series(["inf", "-1e400", "2.5", "1e3", "nan"]), "int")
-    assert out.isna().tolist() == [True, True, True, False, True]
-    assert out.iloc[3] == 1000
+def test_coerce_int_rejects_infinite_fractional_and_out_of_range_values():
+    out = coerce_column(pd.Series(["inf", "-1e400", "2.5", "1e3", "nan", "12345678901234567890", "-9e18"]), "int")
+    assert out.isna().tolist() == [True, True, True, False, True, True, False]
+    assert out.iloc[3] == 1000 and out.iloc[6] == -9 * 10**18
 
 
 EDGE_TIMESTAMPS = ["2025-01-01 10:00:00", "2025-01-01T10:00:00", "2025-01-01", "2025-01-01 10:00", "2025-01-01 10",
