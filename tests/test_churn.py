@@ -26,6 +26,7 @@ from tasks.churn import (
     evaluate,
     fit_bgnbd,
     horizon_advice,
+    horizon_text,
     infer_columns,
     interpurchase_gaps,
     labelled_examples,
@@ -139,6 +140,14 @@ def test_horizon_advice_rounds_the_90th_percentile_up_to_weeks():
     assert advice["quantiles"]["p50"] == pytest.approx(50.5)
     assert advice["share_within_horizon"] == pytest.approx(0.30)
     assert advice["suggested_horizon_days"] == 91  # 13 weeks
+
+
+def test_horizon_text_says_when_the_gaps_come_from_a_sample_of_customers():
+    advice = {**horizon_advice(pd.Series(np.arange(1.0, 101.0)), horizon_days=30),
+              "customers_measured": 50_000, "customers_total": 1_000_000}
+    assert "by a sample of 50,000 of the 1,000,000 customers" in horizon_text({"horizon_days": 30, "horizon": advice})
+    advice["customers_measured"] = 1_000_000
+    assert "sample" not in horizon_text({"horizon_days": 30, "horizon": advice})
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------
