@@ -78,6 +78,7 @@ ABLATION_BATCH_ROWS = 400_000
 # Sklearn's tree and boosting predictors run without the GIL, so batches predicted on threads use every core;
 # batch boundaries depend on sizes only, never on the thread count, so results do not change with it.
 PREDICT_THREADS = max(1, min(4, os.cpu_count() or 1))
+PREDICT_BATCH_ROWS = 100_000
 BGNBD_FIT_ROWS = 20_000
 MAX_FACTOR_CANDIDATES = 12  # inputs searched for per-customer factors by ablation (by global importance)
 # Ablation costs one prediction per candidate and customer: past this many customers only the 6 globally most
@@ -552,8 +553,7 @@ def in_parallel_batches(n: int, batch: int, work: Callable[[int, int], None]) ->
 
 
 def _is_typical(values: np.ndarray, typical: Any) -> np.ndarray:
-    same = values == typical
-    return same | (pd.isna(values) & pd.isna(typical)) if pd.isna(typical) or values.dtype == object else same
+    return pd.isna(values) if pd.isna(typical) else values == typical
 
 
 def predict_in_batches(model: Any, frame: pd.DataFrame) -> np.ndarray:
@@ -563,7 +563,7 @@ def predict_in_batches(model: Any, frame: pd.DataFrame) -> np.ndarray:
     def work(start: int, stop: int) -> None:
         p[start:stop] = model.predict_proba(frame.iloc[start:stop])[:, 1]
 
-    in_parallel_batches(len(frame), ABLATION_BATCH_ROWS // 4, work)
+    in_parallel_batches(len(frame), PREDICT_BATCH_ROWS, work)
     return p
 
 

@@ -49,10 +49,7 @@ class CleanOutput(NamedTuple):
 
 def _colliding(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Rows whose 64-bit hash over ``columns`` occurs more than once (floats hashed with -0.0 as 0.0)."""
-    hashed = frame[columns].copy()
-    for column in columns:
-        if pd.api.types.is_float_dtype(hashed[column]):
-            hashed[column] = hashed[column] + 0.0
+    hashed = pd.DataFrame({c: frame[c] + 0.0 if pd.api.types.is_float_dtype(frame[c]) else frame[c] for c in columns})
     return pd.util.hash_pandas_object(hashed, index=False).duplicated(keep=False).to_numpy()
 
 
@@ -63,14 +60,12 @@ def exact_duplicate_rows(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     duplicate: rows whose hash over the numeric and time columns collides (cheap to hash), then those whose hash
     over all columns does (text hashing costs ~0.2 us a value, paid on the candidates only); the few left are
     compared value by value."""
-    candidate = np.arange(len(frame))
     cheap = [c for c in columns if not (pd.api.types.is_string_dtype(frame[c]) or frame[c].dtype == object)]
-    for subset in ([cheap] if cheap and len(cheap) < len(columns) else []) + [columns]:
-        candidate = candidate[_colliding(frame.iloc[candidate], subset)]
-        if len(candidate) == 0:
-            break
+    candidate = np.flatnonzero(_colliding(frame, cheap if cheap else columns))
+    if cheap and len(cheap) < len(columns) and len(candidate):
+        candidate = candidate[_colliding(frame.iloc[candidate], columns)]
     duplicate = np.zeros(len(frame), dtype=bool)
-    duplicate[candidate] = frame.iloc[candidate][columns].duplicated(keep="first").to_numpy()
+    duplicate[candidate] = frame[columns].iloc[candidate].duplicated(keep="first").to_numpy()
     return duplicate
 
 

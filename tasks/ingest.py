@@ -174,11 +174,13 @@ def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source
             out[canonical] = coerce_column(pd.Series(pd.NA, index=text.index, dtype="string"), kind)
             continue
         raw = normalised_text(text[column])
+        fmt = source.formats.get(canonical)
         if canonical in source.regex_replace:
             fix = source.regex_replace[canonical]
             raw = raw.str.replace(fix.pattern, fix.repl, regex=True)
-        parsed = parse_text(normalised_text(raw) if canonical in source.regex_replace else raw, kind,
-                            mapping.timezone, source.formats.get(canonical))
+            parsed = coerce_column(raw, kind, mapping.timezone, fmt)  # a replacement may leave blanks
+        else:
+            parsed = parse_text(raw, kind, mapping.timezone, fmt)
         failed = np.flatnonzero((raw.notna() & parsed.isna()).to_numpy())
         if len(failed):
             shown = (np.full(len(failed), "<redacted>", dtype=object) if canonical in source.pii
