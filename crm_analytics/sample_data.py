@@ -416,3 +416,121 @@ def true_churn_probability(truth: pd.DataFrame, last_purchase: pd.Series, cutoff
 
 def _naive_utc(ts: pd.Timestamp) -> pd.Timestamp:
     return ts.tz_convert("UTC").tz_localize(None) if ts.tzinfo else ts
+
+
+POSTERIOR_NODES = 16  # Gauss-Hermite nodes per log-normal factor (order rate, hazard) and type
+POSTERIOR_STEPS = 64  # trapezoid steps for the integrals over a silent stop time
+POSTERIOR_CHUNK = 256  # customers per block (block x nodes x steps floats in memory)
+
+
+def _prior_nodes() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The generator's prior over (type, order rate, hazard) as weighted nodes: for each type its share, times
+    Gauss-Hermite nodes of the two log-normal factors ``_make_customers`` draws. Returns type index, rate per
+    day, hazard per day and log weight per node."""
+    z, w = np.polynomial.hermite_e.hermegauss(POSTERIOR_NODES)  # standard normal nodes, weights sum to sqrt(2 pi)
+    log_w = np.log(w / w.sum())
+    shares = np.array([t.share for t in CUSTOMER_TYPES])
+    t_idx, i, j = (a.ravel() for a in np.meshgrid(np.arange(len(CUSTOMER_TYPES)), np.arange(z.size),
+                                                   np.arange(z.size), indexing="ij"))
+    rate = np.array([t.orders_per_year for t in CUSTOMER_TYPES])[t_idx] * np.exp(-0.06 + 0.35 * z[i]) / 365.0
+    hazard = np.array([t.yearly_churn_hazard for t in CUSTOMER_TYPES])[t_idx] * np.exp(-0.05 + 0.3 * z[j]) / 365.0
+    return t_idx, rate, hazard, np.log(shares / shares.sum())[t_idx] + log_w[i] + log_w[j]
+
+
+def posterior_churn_probability(signup: pd.Series, orders: pd.DataFrame, data_start: pd.Timestamp,
+                                cutoff: pd.Timestamp, horizon_days: int,
+                                customer_type: pd.Series | None = None) -> pd.Series:
+    """P(no purchase in (cutoff, cutoff + h]) given only what an export shows of each customer's purchase
+    timing — signup time, number of orders k since the data began and the last order's time — under the
+    generator's own priors (the type mixture and log-normal spread of order rate and hazard, the seasonal
+    intensity). The Bayes-optimal score from that history: unlike ``true_churn_probability`` it does not know
+    the customer's own rate and hazard, it infers them.
+
+    ``orders`` has one row per customer_id (its index) with ``orders`` (k >= 1) and ``last_order`` (before the
+    cutoff); ``signup`` is indexed by customer_id. With ``customer_type`` (type names by customer_id) the type is
+    taken as known instead of inferred: more than any export shows (baskets hint at the type, never reveal it),
+    so that score is an upper bound of what a model of the export can reach, and the timing-only score a lower.
+    """
+    log_evidence, churn = posterior_by_type(signup, orders, data_start, cutoff, horizon_days)
+    if customer_type is None:
+        shares = np.array([t.share for t in CUSTOMER_TYPES])
+        log_type = log_evidence + np.log(shares / shares.sum())[None, :]
+    else:
+        names = {t.name: i for i, t in enumerate(CUSTOMER_TYPES)}
+        known = customer_type.reindex(orders.index).map(names).to_numpy()
+        log_type = np.where(np.arange(len(CUSTOMER_TYPES))[None, :] == known[:, None], 0.0, -np.inf)
+    weight = np.exp(log_type - log_type.max(axis=1, keepdims=True))
+    probability = (weight * churn).sum(axis=1) / weight.sum(axis=1)
+    return pd.Series(probability, index=orders.index, name="posterior_churn_probability")
+
+
+def posterior_by_type(signup: pd.Series, orders: pd.DataFrame, data_start: pd.Timestamp, cutoff: pd.Timestamp,
+                      horizon_days: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per customer and type (columns in ``CUSTOMER_TYPES`` order): the log-likelihood of the purchase timing
+    given the type (up to a constant shared by all types), and P(churn | timing, type). Integrates the type's
+    log-normal order rate and hazard on Gauss-Hermite nodes (``posterior_churn_probability`` has the inputs)."""
+    t_idx, rate, hazard, log_prior = _prior_nodes()
+    types = len(CUSTOMER_TYPES)
+    log_prior = log_prior - np.log(np.array([t.share for t in CUSTOMER_TYPES]) / sum(
+        t.share for t in CUSTOMER_TYPES))[t_idx]  # within-type node weights
+    cutoff = _naive_utc(pd.Timestamp(cutoff))
+    data_start = _naive_utc(pd.Timestamp(data_start))
+    last = _naive_days(orders["last_order"])
+    signup_at = _naive_days(signup.reindex(orders.index))
+    origin = np.datetime64(min(data_start, pd.Timestamp(signup_at.min())).floor("D"), "D")
+    grid = np.arange(origin, np.datetime64(cutoff, "D") + (horizon_days + 2) * DAY, DAY)
+    cum = np.concatenate([[0.0], np.cumsum(seasonal_factor(grid))])
+
+    def days(ts: np.ndarray) -> np.ndarray:
+        return (ts.astype("datetime64[s]") - origin.astype("datetime64[s]")) / np.timedelta64(1, "D")
+
+    def integral(d: np.ndarray) -> np.ndarray:
+        return np.interp(d, np.arange(len(cum)), cum)
+
+    c = float(days(np.datetime64(cutoff)))
+    start = max(float(days(np.datetime64(data_start))), 0.0)
+    steps = np.linspace(0.0, 1.0, POSTERIOR_STEPS)
+    # After the cutoff the same for everyone: silent through the horizon alive, or stopping part-way (per node).
+    tau_h = c + horizon_days * steps
+    s_h = integral(tau_h) - integral(c)
+    silent_alive = np.exp(-hazard * horizon_days - rate * s_h[-1])
+    silent_stop = np.trapezoid(hazard[:, None] * np.exp(-hazard[:, None] * (tau_h - c) - rate[:, None] * s_h),
+                               tau_h, axis=1)
+    silent_h = silent_alive + silent_stop
+
+    k = orders["orders"].to_numpy("float64")
+    l_ = days(last)
+    s_ = days(signup_at)
+    a = np.maximum(s_, start)  # purchases are observable from signup or from the start of the data
+    log_evidence = np.empty((len(orders), types))
+    churn = np.empty((len(orders), types))
+    for lo in range(0, len(orders), POSTERIOR_CHUNK):
+        part = slice(lo, lo + POSTERIOR_CHUNK)
+        lp, cp = l_[part, None], (c - l_[part])[:, None]
+        tau = lp + cp * steps[None, :]
+        ds = (integral(tau) - integral(lp))[:, None, :]  # seasonal exposure from the last order to tau
+        # Likelihood of the history given a node: k orders while alive from a to the last order (the product of
+        # the seasonal factors at the order times is the same for every node and cancels), survival from signup
+        # to the last order, then silence until the cutoff, alive throughout or stopping at some tau.
+        log_lik = (k[part, None] * np.log(rate)[None, :]
+                   - rate[None, :] * (integral(l_[part]) - integral(a[part]))[:, None]
+                   - hazard[None, :] * (l_[part] - s_[part])[:, None])
+        alive = np.exp(-hazard[None, :] * cp - rate[None, :] * ds[:, :, -1])
+        died = np.trapezoid(hazard[None, :, None] * np.exp(-hazard[None, :, None] * (tau[:, None, :] - lp[:, :, None])
+                                                           - rate[None, :, None] * ds), tau[:, None, :], axis=2)
+        silence = alive + died
+        log_node = log_prior[None, :] + log_lik + np.log(silence)
+        churn_given_node = (died + alive * silent_h[None, :]) / silence
+        for t in range(types):
+            node = log_node[:, t_idx == t]
+            top = node.max(axis=1, keepdims=True)
+            weight = np.exp(node - top)
+            log_evidence[part, t] = top[:, 0] + np.log(weight.sum(axis=1))
+            churn[part, t] = (weight * churn_given_node[:, t_idx == t]).sum(axis=1) / weight.sum(axis=1)
+    return log_evidence, churn
+
+
+def _naive_days(values: pd.Series) -> np.ndarray:
+    ts = pd.to_datetime(values)
+    ts = ts.dt.tz_convert("UTC").dt.tz_localize(None) if ts.dt.tz is not None else ts
+    return ts.to_numpy("datetime64[s]")

@@ -6,7 +6,8 @@ generator's landing files with plain pandas and drops what those stages would qu
 
 from __future__ import annotations
 
-from datetime import date
+import json
+from datetime import date, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -73,17 +74,33 @@ def telco_table() -> pd.DataFrame | None:
     return pd.read_csv(path, dtype={"seniorcitizen": "int64"}).drop_duplicates("customerid", ignore_index=True)
 
 
-def oracle_auc(root, lines, validation, cutoff, horizon_days: int) -> float:
-    """ROC AUC that the generator's true churn probabilities reach on the validation customers (indexed by
-    customer_id, with a ``churned`` column): the Bayes ceiling a churn model is judged against."""
-    import pandas as pd
+def reference_scores(root, lines, validation, cutoff, horizon_days: int) -> pd.DataFrame:
+    """Three reference scores for the validation customers (indexed by customer_id), from the generator's truth:
+    ``true`` knows each customer's own order rate and hazard (the issue's ceiling); ``posterior_timing`` is the
+    Bayes-optimal score from the purchase timing an export shows (signup, order count, last order) under the
+    generator's priors; ``posterior_type`` also knows the customer's type (more than baskets reveal). What a model
+    of the export can reach lies between the two posteriors."""
+    from crm_analytics.parameters import as_of_end
+    from crm_analytics.sample_data import posterior_churn_probability, true_churn_probability
+
+    end = as_of_end(cutoff)
+    purchases = lines[(lines["order_ts"] < end) & ~lines["is_return"]]
+    orders = (purchases.groupby(["customer_id", "order_id"], sort=False)["order_ts"].min().groupby(level=0)
+              .agg(orders="size", last_order="max").loc[validation.index])
+    truth = pd.read_parquet(root / "truth" / "customers.parquet")
+    config = json.loads((root / "truth" / "generator.json").read_text())["config"]
+    data_start = pd.Timestamp(date.fromisoformat(config["end_date"]) - timedelta(days=config["history_days"] - 1))
+    signup, kind = truth.set_index("customer_id")["signup_ts"], truth.set_index("customer_id")["customer_type"]
+    return pd.DataFrame({
+        "true": true_churn_probability(truth, orders["last_order"], end, horizon_days),
+        "posterior_timing": posterior_churn_probability(signup, orders, data_start, end, horizon_days),
+        "posterior_type": posterior_churn_probability(signup, orders, data_start, end, horizon_days, kind),
+    })
+
+
+def reference_aucs(root, lines, validation, cutoff, horizon_days: int) -> dict[str, float]:
+    """ROC AUC of each reference score (``reference_scores``) against the validation customers' labels."""
     from sklearn.metrics import roc_auc_score
 
-    from crm_analytics.parameters import as_of_end
-    from crm_analytics.sample_data import true_churn_probability
-
-    purchases = lines[(lines["order_ts"] < as_of_end(cutoff)) & ~lines["is_return"]]
-    last = purchases.groupby("customer_id")["order_ts"].max().loc[validation.index]
-    truth = pd.read_parquet(root / "truth" / "customers.parquet")
-    true_p = true_churn_probability(truth, last, as_of_end(cutoff), horizon_days)
-    return float(roc_auc_score(validation["churned"], true_p))
+    scores = reference_scores(root, lines, validation, cutoff, horizon_days)
+    return {name: float(roc_auc_score(validation["churned"], scores[name])) for name in scores.columns}

@@ -1,4 +1,5 @@
-"""The generator's true churn probability, checked by simulation, and the churn stage measured against it."""
+"""The generator's true churn probability and its Bayes posterior from an export's purchase timing, checked by
+simulation and by calibration, and the churn stage measured against both."""
 
 from datetime import date
 
@@ -10,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 from crm_analytics.parameters import ChurnOptions
 from crm_analytics.sample_data import GeneratorConfig, generate, seasonal_factor, true_churn_probability
 from tasks.churn import train_and_score
-from tests.churn_support import clean_frames, oracle_auc
+from tests.churn_support import clean_frames, reference_aucs, reference_scores
 
 DAY_SECONDS = 86_400.0
 
@@ -50,14 +51,44 @@ def test_true_churn_probability_matches_a_simulation_of_the_generator():
         assert exact[case.customer_id] == pytest.approx(simulated, abs=4 * standard_error + 0.003), case
 
 
-@pytest.mark.slow
-def test_held_out_auc_stays_close_to_the_true_probabilities(tmp_path):
-    """On generated data, the chosen model's held-out ROC AUC against the AUC the generator's true (Bayes-optimal)
-    probabilities reach on the same validation customers.
+def test_posterior_from_purchase_timing_is_calibrated_on_generated_data(tmp_path):
+    """A posterior computed under the generator's own priors must be calibrated: among customers it gives about
+    p, about p churn. Checked against labels read straight from the generated lines (not the churn stage's)."""
+    config = GeneratorConfig(customers=6_000, seed=7)
+    generate(config, tmp_path)
+    _, lines = clean_frames(tmp_path)
+    cutoff, horizon = date(2025, 9, 30), 90
+    end = pd.Timestamp(cutoff, tz="UTC") + pd.Timedelta(days=1)
+    purchases = lines[~lines["is_return"]]
+    before = purchases[purchases["order_ts"] < end]
+    bought_after = set(purchases.loc[(purchases["order_ts"] >= end)
+                                     & (purchases["order_ts"] < end + pd.Timedelta(days=horizon)), "customer_id"])
+    customers = pd.Index(before["customer_id"].unique(), name="customer_id")
+    labels = pd.DataFrame({"churned": (~customers.isin(bought_after)).astype(int)}, index=customers)
+    scores = reference_scores(tmp_path, lines, labels, cutoff, horizon)
 
-    The issue's bar is a gap of at most 0.03. Measured over seven generated sets (benchmarks/churn_oracle_gap.py)
-    the gap is 0.026-0.032: the bar is met on four of them, so it is not claimed here. This test uses the
-    generator's default seed (not one picked for its result) and guards the measured level against regressions.
+    posterior = scores["posterior_timing"]
+    n = len(labels)
+    assert abs(posterior.mean() - labels["churned"].mean()) < 3 * np.sqrt(0.25 / n) + 0.005
+    bins = pd.qcut(posterior, 8, labels=False, duplicates="drop")
+    table = pd.DataFrame({"p": posterior, "y": labels["churned"]}).groupby(bins).agg(["mean", "size"])
+    for row in table.itertuples():
+        p, y, size = row[1], row[3], row[2]
+        assert abs(p - y) < 4 * np.sqrt(max(p * (1 - p), 0.01) / size) + 0.01, table
+    # A score that knows more ranks better: told the type, and then the customer's own rate and hazard.
+    aucs = {name: roc_auc_score(labels["churned"], scores[name]) for name in scores.columns}
+    assert aucs["posterior_timing"] < aucs["posterior_type"] < aucs["true"], aucs
+
+
+@pytest.mark.slow
+def test_held_out_auc_is_within_the_bar_and_at_the_bound_the_export_allows(tmp_path):
+    """On generated data, the chosen model's held-out ROC AUC on the validation customers against:
+    - the AUC of the generator's true probabilities (each customer's own rate and hazard): the issue's bar is a
+      gap of at most 0.03 (measured here on the generator's default seed, not one picked for its result);
+    - the AUC of the Bayes-optimal posterior from the purchase timing the export shows: the model must not fall
+      more than 0.005 below it. Measured on seeds 1-7 (``benchmarks/churn_oracle_gap.py --seeds 1 2 3 4 5 6 7``)
+      the model is -0.0014 to +0.0026 from that posterior and 0.026-0.034 below the true probabilities; on every
+      set above 0.03 the posterior is above 0.03 too, so there the bar asks for information the export lacks.
     """
     config = GeneratorConfig(customers=12_000, seed=42)
     generate(config, tmp_path)
@@ -67,8 +98,9 @@ def test_held_out_auc_stays_close_to_the_true_probabilities(tmp_path):
 
     validation = out.validation_predictions.set_index("customer_id")
     cutoff = date.fromisoformat(out.metrics["validation_cutoff"])
-    ceiling = oracle_auc(tmp_path, lines, validation, cutoff, options.horizon_days)
+    reference = reference_aucs(tmp_path, lines, validation, cutoff, options.horizon_days)
     model_auc = roc_auc_score(validation["churned"], validation["probability"])
     assert model_auc == pytest.approx(out.metrics["validation"]["roc_auc"])
-    assert ceiling - model_auc <= 0.035, (ceiling, model_auc)
-    assert model_auc < ceiling + 0.01  # a model far above the Bayes ceiling would mean leakage
+    assert reference["true"] - model_auc <= 0.03, (reference, model_auc)
+    assert model_auc >= reference["posterior_timing"] - 0.005, (reference, model_auc)
+    assert model_auc < reference["true"] + 0.01  # a model far above the Bayes ceiling would mean leakage
