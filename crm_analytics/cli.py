@@ -167,8 +167,11 @@ def _print_summary(run_dir: Path) -> None:
     seg = stages["segment"]
     typer.echo(f"  segments (k={seg['k']}): " + ", ".join(f"{n}={c}" for n, c in seg["sizes"].items()))
     ch = stages["churn"]
-    typer.echo(f"  churn: {ch['chosen_model']} held-out ROC AUC {ch['validation_roc_auc']:.3f}, "
-               f"{ch['scored_customers']:,} customers scored")
+    if "skipped" in ch:
+        typer.echo(f"  churn: skipped ({ch['skipped']})")
+    else:
+        typer.echo(f"  churn: {ch['chosen_model']} held-out ROC AUC {ch['validation_roc_auc']:.3f}, "
+                   f"{ch['scored_customers']:,} customers scored")
     typer.echo(f"  rules: {stages['rules']['rules']} rules over {stages['rules']['baskets']:,} baskets")
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from crm_analytics.schema import CANONICAL_COLUMNS, OPTIONAL_ENTITIES, ColumnType
+from crm_analytics.schema import CANONICAL_COLUMNS, OPTIONAL_ENTITIES, UNCATEGORISED, ColumnType
 
 PACKAGED_MAPPINGS = Path(__file__).resolve().parent / "mappings"
 _ENV_PATTERN = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
@@ -86,7 +86,10 @@ class EntitySource(BaseModel):
     files: str | None = Field(None, description="File or glob, relative to the landing folder (or absolute).")
     query: str | None = Field(None, description="SQL query; may use :as_of_end (first instant after the as-of date).")
     derive: DeriveSpec | None = None
-    format: Literal["csv", "parquet"] = "csv"
+    format: Literal["csv", "parquet", "baskets"] = Field(
+        "csv", description="csv | parquet | baskets: one basket per line, its items separated by csv.delimiter and "
+        "no header; read as the columns `basket` (its line number) and `item`.",
+    )
     daily: bool = Field(
         default=False,
         description="File names start with their date (YYYY-MM-DD); only files dated on or before the as-of date "
@@ -101,6 +104,19 @@ class EntitySource(BaseModel):
     )
     types: dict[str, ColumnType] = Field(default_factory=dict, description="types of extra kept columns.")
     keep: list[str] = Field(default_factory=list, description="extra columns to keep (their canonical names).")
+    defaults: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="canonical column -> constant, for a column the export lacks (e.g. "
+        "quantity: 1 for a log without quantities); typed like the column.",
+    )
+    compose: dict[str, list[str]] = Field(
+        default_factory=dict, description="canonical column -> the columns whose text joined by '|' makes it, e.g. "
+        "order_id: [customer_id, order_ts] for a log with one basket per customer and day, or [_source_file, "
+        "_source_line] for one order per row. Parts are canonical (mapped or defaulted) or lineage columns.",
+    )
+    unit_price_is_line_total: bool = Field(
+        False, description="order_lines: the column mapped to unit_price holds the line's total amount; the unit "
+        "price is that amount divided by the quantity.",
+    )
     regex_replace: dict[str, RegexReplace] = Field(
         default_factory=dict, description="canonical column -> regex fix applied to the text before typing."
     )
@@ -117,7 +133,16 @@ class EntitySource(BaseModel):
         origins = [name for name in ("files", "query", "derive") if getattr(self, name) is not None]
         if len(origins) != 1:
             raise ValueError(f"an entity needs exactly one of files, query or derive; got {origins or 'none'}")
+        for target, parts in self.compose.items():
+            if not parts or target in parts:
+                raise ValueError(f"compose {target!r}: needs one or more other columns, got {parts}")
+        if self.format == "baskets" and self.files is None:
+            raise ValueError("format baskets is for files")
         return self
+
+    def provided(self) -> set[str]:
+        """Canonical columns the mapping itself fills in (constants and compositions), not the source."""
+        return set(self.defaults) | set(self.compose)
 
 
 class DatabaseSpec(BaseModel):
@@ -153,9 +178,19 @@ class SourceMapping(BaseModel):
         unknown = set(entities) - set(CANONICAL_COLUMNS)
         if unknown:
             raise ValueError(f"unknown entities {sorted(unknown)}; known: {sorted(CANONICAL_COLUMNS)}")
+        if "customers" not in entities and "order_lines" in entities:  # a purchase log names its customers
+            entities = {**entities, "customers": EntitySource(derive=DeriveSpec.model_validate(
+                {"from": "order_lines", "columns": {"signup_date": "first:order_ts"}}))}
         missing = set(CANONICAL_COLUMNS) - set(OPTIONAL_ENTITIES) - set(entities)
         if missing:
             raise ValueError(f"mapping lacks entities {sorted(missing)}")
+        if "order_lines" not in entities and "churn_labels" not in entities:
+            raise ValueError("mapping needs order_lines (transactions) or churn_labels (explicit labels), or both")
+        if "products" in entities and "order_lines" not in entities:
+            raise ValueError("products without order_lines: nothing would use them")
+        if "order_lines" in entities and "products" not in entities:
+            entities = {**entities, "products": EntitySource(derive=DeriveSpec.model_validate(
+                {"from": "order_lines", "columns": {"category": f"const:{UNCATEGORISED}"}}))}
         for name, source in entities.items():
             if source.derive is not None:
                 origin = entities.get(source.derive.from_entity)
@@ -174,7 +209,7 @@ class SourceMapping(BaseModel):
         return path if path.is_absolute() else data_root / path
 
     def column_types(self, entity: str) -> dict[str, ColumnType]:
-        source = self.entities[entity]
+        source = self.entities.get(entity, EntitySource(files="absent"))
         types = dict(CANONICAL_COLUMNS[entity])
         types.update({column: source.types.get(column, "string") for column in source.keep})
         return types

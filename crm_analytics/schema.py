@@ -39,7 +39,7 @@ CANONICAL_COLUMNS: dict[str, dict[str, ColumnType]] = {
 }
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "customers": ("customer_id", "signup_date"),
+    "customers": ("customer_id",),  # a signup date is optional: many customer tables have none
     "order_lines": ("order_id", "customer_id", "order_ts", "product_id", "quantity", "unit_price"),
     "products": ("product_id", "category"),
     "churn_labels": ("customer_id", "churned"),
@@ -47,11 +47,16 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
 
 # Validation order: referential checks of order lines and labels need the valid customers and products first.
 ENTITIES: tuple[str, ...] = ("customers", "products", "order_lines", "churn_labels")
-OPTIONAL_ENTITIES: tuple[str, ...] = ("churn_labels",)
+# Customers and one of order_lines or churn_labels are needed: a customer table with labels (no transactions), a
+# purchase log without products, or basket lists all run through a mapping. An absent order_lines entity is an
+# empty one; absent customers and products are derived from the order lines (one per id) when there are any.
+OPTIONAL_ENTITIES: tuple[str, ...] = ("products", "order_lines", "churn_labels")
+# Columns a mapping may build from other columns (``compose``): the canonical ones and the lineage.
 
 # Lineage columns every ingested row carries, so a quarantined row can be traced to its file and line.
 SOURCE_FILE = "_source_file"
 SOURCE_LINE = "_source_line"
 PARSE_ERRORS = "_parse_errors"
 LINEAGE_COLUMNS = (SOURCE_FILE, SOURCE_LINE)
+UNCATEGORISED = "uncategorised"  # the category of products derived from order lines that carry none
 QUARANTINE_REASON = "_quarantine_reason"

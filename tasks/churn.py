@@ -86,6 +86,11 @@ MAX_FACTOR_CANDIDATES = 12  # inputs searched for per-customer factors by ablati
 FACTOR_CANDIDATES_AT_SCALE = (200_000, 6)
 
 
+class ChurnNotPossible(ValueError):
+    """The data cannot support a churn model (too little history for the horizon, a single class): the stage
+    is skipped with this reason instead of failing the run, so the other stages' outputs still land."""
+
+
 def factor_candidates(importances: pd.DataFrame, customers: int) -> list[str]:
     limit, reduced = FACTOR_CANDIDATES_AT_SCALE
     return importances["feature"].head(reduced if customers > limit else MAX_FACTOR_CANDIDATES).tolist()
@@ -249,7 +254,7 @@ def plan_cutoffs(order_lines: pd.DataFrame, as_of: date, options: ChurnOptions) 
     first_ts = order_lines["order_ts"].min()
     usable = [c for c in wanted if pd.notna(first_ts) and first_ts < as_of_end(c - timedelta(days=h))]
     if not usable:
-        raise ValueError(
+        raise ChurnNotPossible(
             f"churn needs history from before {latest - timedelta(days=h)} for a {h}-day horizon at as-of {as_of} "
             f"(latest training cutoff {latest}); the data starts at {first_ts}. Use a shorter horizon."
         )
@@ -844,7 +849,7 @@ def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: d
     valid = examples(valid_cutoff, categories).dropna(subset=[LABEL]).reset_index(drop=True)
     for name, frame in (("training", train), ("validation", valid)):
         if frame[LABEL].nunique() < 2:
-            raise ValueError(f"churn {name} examples have only one class; cannot train or validate")
+            raise ChurnNotPossible(f"churn {name} examples have only one class; cannot train or validate")
     numeric = numeric_feature_columns(valid)
     fitted, predictions = compare_models(train, valid, numeric, [], options, seed)
     y_valid = valid[LABEL].astype("int64").to_numpy()
@@ -1004,7 +1009,8 @@ def train_explicit(table: pd.DataFrame, label_column: str, id_column: str, optio
     labelled = frame[frame[LABEL].notna()].reset_index(drop=True)
     y = labelled[LABEL].astype("int64").to_numpy()
     if len(np.unique(y)) < 2 or np.bincount(y).min() < options.cv_folds:
-        raise ValueError(f"explicit churn labels need at least {options.cv_folds} rows of each class")
+        raise ChurnNotPossible(f"explicit churn labels need at least {options.cv_folds} rows of each class; "
+                               f"found {np.bincount(y, minlength=2).tolist()} (not churned, churned)")
     x = model_frame(labelled, numeric, categorical)
     folds = np.zeros(len(labelled), dtype="int64")
     splitter = StratifiedKFold(n_splits=options.cv_folds, shuffle=True, random_state=seed)
@@ -1279,11 +1285,25 @@ def publish(run: RunSpec, out: ChurnOutput, input_hashes: dict[str, str]) -> Sta
 @stage_task("churn", fingerprint_extra=previous_run_state("churn"))
 def churn(run: RunSpec, cleaned: StageResult, options: ChurnOptions, seed: int,
           validated: StageResult | None = None) -> StageResult:
-    """Explicit labels when the mapping supplies a ``churn_labels`` entity; otherwise labels from transactions."""
+    """Explicit labels when the mapping supplies a ``churn_labels`` entity; otherwise labels from transactions.
+    Data that cannot support a model (``ChurnNotPossible``: e.g. undated baskets) skips the stage with the reason
+    in the log and the report."""
+    try:
+        return _churn(run, cleaned, options, seed, validated)
+    except ChurnNotPossible as exc:
+        stage_logger().warning("churn skipped: %s", exc)
+        return StageResult(stage="churn", artifacts={}, metrics={"skipped": str(exc)},
+                           report_section=f"## Churn\n\n**Skipped:** {str(exc).rstrip('.')}.")
+
+
+def _churn(run: RunSpec, cleaned: StageResult, options: ChurnOptions, seed: int,
+           validated: StageResult | None) -> StageResult:
     store = run.store
     if validated is not None and "churn_labels" in validated.artifacts:
         customers_ref, labels_ref = cleaned.ref("customers"), validated.ref("churn_labels")
-        labels = store.read_frame(labels_ref, columns=[ID, "churned"])
+        # A label row repeated exactly (e.g. read from a customer table with a repeated row) is one label; two
+        # different labels for one customer never get here (the suite's uniqueness check quarantines them).
+        labels = store.read_frame(labels_ref, columns=[ID, "churned"]).drop_duplicates(ignore_index=True)
         table = store.read_frame(customers_ref).merge(labels, on=ID, how="inner", validate="one_to_one")
         return explicit_stage(run, table, "churned", ID, options, seed,
                               {"customers": customers_ref.content_hash, "churn_labels": labels_ref.content_hash})

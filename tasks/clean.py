@@ -131,7 +131,7 @@ def net_returns(lines: pd.DataFrame, customer_code: np.ndarray | None = None,
     slack = pd.Series(purchased - returned).groupby(group).cummin().to_numpy()
     matched = returned + np.minimum(slack, 0)
     matched_here = matched - np.where(group_start, 0, np.roll(matched, 1))
-    group_end = np.r_[group_start[1:], True]
+    group_end = np.r_[group_start[1:], True] if len(order) else group_start
     matched_total = matched[group_end][group]
     returned_here = np.clip(matched_total - purchased + bought, 0, bought)
 

@@ -233,6 +233,9 @@ def features_partitioned(client: Any, customers: pd.DataFrame, order_lines: str 
 
 def features_section(table: pd.DataFrame) -> str:
     """A short distribution summary of the main features, so a person sees tonight's population at a glance."""
+    if table.empty:
+        return ("## Customer features\n\nNo customer has a purchase before the end of the as-of date (an export "
+                "without order lines has none): no transaction features.")
     columns = ["recency_days", "frequency_orders", "monetary_total", "avg_order_value", "avg_basket_size",
                "mean_interpurchase_days", "typical_unit_price", "return_rate", "trend_90d"]
     summary = table[columns].describe(percentiles=[0.25, 0.5, 0.75]).T[["mean", "25%", "50%", "75%"]]

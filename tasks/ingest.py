@@ -36,7 +36,14 @@ from crm_analytics.mapping import (
     select_files,
 )
 from crm_analytics.parameters import RunSpec, as_of_end
-from crm_analytics.schema import PARSE_ERRORS, REQUIRED_COLUMNS, SOURCE_FILE, SOURCE_LINE, ColumnType
+from crm_analytics.schema import (
+    CANONICAL_COLUMNS,
+    PARSE_ERRORS,
+    REQUIRED_COLUMNS,
+    SOURCE_FILE,
+    SOURCE_LINE,
+    ColumnType,
+)
 from tasks.clean import exact_duplicate_rows
 from tasks.common import IO_RETRY, SourceSchemaError, stage_logger, stage_task
 
@@ -159,6 +166,7 @@ def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source
     source = mapping.entities[entity]
     types = mapping.column_types(entity)
     renames = {canonical: source.columns.get(canonical, canonical) for canonical in types}
+    text = with_provided_columns(text, source, renames)
     missing = [c for c in REQUIRED_COLUMNS[entity] if renames[c] not in text.columns]
     if missing:
         wanted = ", ".join(f"{c!r} (source column {renames[c]!r})" for c in missing)
@@ -188,10 +196,47 @@ def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source
             problems.append((failed, canonical + "=" + shown))
         out[canonical] = parsed
     frame = pd.DataFrame(out, index=text.index)
+    if source.unit_price_is_line_total and {"unit_price", "quantity"} <= set(frame.columns):
+        quantity = frame["quantity"].astype("float64")
+        frame["unit_price"] = (frame["unit_price"] / quantity.where(quantity != 0)).round(6)
     frame[SOURCE_FILE] = text[SOURCE_FILE].astype("string")
     frame[SOURCE_LINE] = text[SOURCE_LINE].astype("int64")
     frame[PARSE_ERRORS] = parse_error_column(len(text), problems)
     return frame.reset_index(drop=True)
+
+
+def with_provided_columns(text: pd.DataFrame, source: EntitySource, renames: dict[str, str]) -> pd.DataFrame:
+    """The source text plus the columns the mapping fills in: ``defaults`` (a constant where the source has no
+    such column) and then ``compose`` (parts joined by "|"; a row missing a part gets no value, so the row is
+    quarantined for it rather than given a made-up key)."""
+    if not source.provided():
+        return text
+    text = text.copy()
+    for canonical, value in source.defaults.items():
+        column = renames.get(canonical, canonical)
+        if column not in text.columns:
+            text[column] = pd.Series(str(value).lower() if isinstance(value, bool) else str(value),
+                                     index=text.index, dtype="string")
+    for canonical, parts in source.compose.items():
+        columns = [renames.get(p, p) for p in parts]
+        if absent := [p for p, c in zip(parts, columns, strict=True) if c not in text.columns]:
+            raise SourceSchemaError(f"compose {canonical}: no column {absent} to build it from; the source has "
+                                    f"{[c for c in text.columns if not c.startswith('_')]}")
+        pieces = [normalised_text(text[c].astype("string")) for c in columns]
+        joined = pieces[0]
+        for piece in pieces[1:]:
+            joined = joined + "|" + piece
+        text[renames.get(canonical, canonical)] = joined
+    return text
+
+
+def empty_entity(entity: str, mapping: SourceMapping) -> pd.DataFrame:
+    """An entity the export does not have, as zero typed rows (the stages treat it as "none of these")."""
+    text = pd.DataFrame({column: pd.Series(dtype="string") for column in CANONICAL_COLUMNS[entity]})
+    text[SOURCE_FILE] = pd.Series(dtype="string")
+    text[SOURCE_LINE] = pd.Series(dtype="int64")
+    identity = mapping.model_copy(update={"entities": {**mapping.entities, entity: EntitySource(files="absent")}})
+    return parse_entity(text, entity, identity, "absent entity")
 
 
 def _mode(values: pd.Series, keys: pd.Series) -> pd.Series:
@@ -265,6 +310,8 @@ def source_columns(path: Path, source: EntitySource) -> list[str]:
     """The column names of one source file, from its header (CSV) or schema (Parquet), without reading rows."""
     if source.format == "parquet":
         return pq.read_schema(path).names
+    if source.format == "baskets":
+        return list(BASKET_COLUMNS)
     options = source.csv
     with path.open(encoding=options.encoding, newline="") as handle:
         header = next(csv.reader(handle, delimiter=options.delimiter, quotechar=options.quote_char), None)
@@ -279,6 +326,8 @@ def read_source_text(path: Path, source: EntitySource) -> pd.DataFrame:
     if source.format == "parquet":
         table = pq.read_table(path)
         frame = table.cast(pa.schema([(f.name, pa.string()) for f in table.schema])).to_pandas()
+    elif source.format == "baskets":
+        return read_baskets(path, source)
     else:
         options = source.csv
         header = source_columns(path, source)
@@ -301,6 +350,27 @@ def read_source_text(path: Path, source: EntitySource) -> pd.DataFrame:
     return frame
 
 
+BASKET_COLUMNS = ["basket", "item"]
+
+
+def read_baskets(path: Path, source: EntitySource) -> pd.DataFrame:
+    """A basket list (one basket per line, items separated by the delimiter, no header) as one row per item:
+    ``basket`` is the line number (as text, the basket's id), ``item`` the item's text; blank items are skipped
+    and a blank line is an empty basket (no rows)."""
+    options = source.csv
+    baskets, items = [], []
+    with path.open(encoding=options.encoding, newline="") as handle:
+        for number, row in enumerate(csv.reader(handle, delimiter=options.delimiter, quotechar=options.quote_char),
+                                     start=1):
+            kept = [item.strip().lstrip("\ufeff") for item in row if item.strip()]
+            baskets.extend([number] * len(kept))
+            items.extend(kept)
+    frame = pd.DataFrame({"basket": pd.array([str(b) for b in baskets], dtype="string"),
+                          "item": pd.array(items, dtype="string")})
+    frame[SOURCE_LINE] = np.array(baskets, dtype=np.int64)
+    return frame
+
+
 def read_files(entity: str, source: EntitySource, landing: Path, as_of: date,
                files: list[Path] | None = None, like: Path | None = None) -> pd.DataFrame:
     """Every selected file as text; a file without the mapping's required columns is named in the error.
@@ -309,7 +379,9 @@ def read_files(entity: str, source: EntitySource, landing: Path, as_of: date,
     entity, when ``files`` is one batch of it).
     """
     files = select_files(landing, source, as_of) if files is None else files
-    required = {source.columns.get(c, c) for c in REQUIRED_COLUMNS[entity]}
+    required = {source.columns.get(c, c) for c in REQUIRED_COLUMNS[entity] if c not in source.provided()}
+    required |= {source.columns.get(p, p) for parts in source.compose.values() for p in parts
+                 if p not in source.provided() and not p.startswith("_")}
     if not files:
         raise FileNotFoundError(
             f"{entity}: no file matches {source.files!r} under {landing}"
@@ -472,6 +544,10 @@ def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_ove
         else:
             frames[entity] = parse(entity, mapping, landing, as_of, files)
             sources[entity] = {"mode": "full", "files": file_states(files)}
+    for entity in ("products", "order_lines"):
+        if entity not in frames:
+            frames[entity] = empty_entity(entity, mapping)
+            sources[entity] = {"mode": "absent", "files": {}}
     return frames, sources
 
 
@@ -527,7 +603,7 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None) -> S
     artifacts, metrics = {}, {}
     for entity, frame in frames.items():
         artifacts[entity] = store.write_frame("raw", entity, frame)
-        metrics[entity] = ingest_metrics(frame, entity, mapping.entities[entity])
+        metrics[entity] = ingest_metrics(frame, entity, mapping.entities.get(entity, EntitySource(files="absent")))
         if entity in sources:
             metrics[entity]["read"] = sources[entity]["mode"]
         log.info("ingested %s: %d rows from %d source(s) (%s)", entity, len(frame), metrics[entity]["files"],

@@ -790,6 +790,10 @@ def rules_section(out: RulesOutput, options: RulesOptions, top: int = 10) -> str
     if s["oversized_baskets_dropped"]:
         text += (f"\n\n**{s['oversized_baskets_dropped']:,} baskets with more than {options.max_basket_size} items "
                  f"were left out** (largest: {s['largest_basket']:,} items).")
+    if s["baskets"] == 0:
+        return "## Association rules\n\nNo baskets (the export has no order lines): no rules."
+    if s["items"] < 2:
+        return text + "\n\n_Every basket holds the same single item (an export without products): no rule is possible._"
     if out.rules.empty:
         return text + "\n\n_No rule passed the thresholds._"
     return text + "\n\n" + markdown_table(

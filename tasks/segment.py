@@ -538,6 +538,8 @@ def _projection(z: np.ndarray, labels: np.ndarray, clustered: pd.DataFrame, seed
 # ---- what a person reads ----------------------------------------------------------------------------------
 def segment_section(out: SegmentOutput, options: SegmentOptions) -> str:
     identity = out.identity
+    if out.assignments.empty:
+        return "## Segments\n\nNo customer with a purchase: nothing to segment."
     view = out.profiles[["segment_id", "segment_name", "customers", "share", "frequency_orders",
                          "mean_interpurchase_days", "avg_basket_size", "typical_unit_price", "return_rate",
                          "avg_order_value", "rfm_score", "share_at_risk", "share_hibernating"]].copy()
@@ -672,7 +674,8 @@ def segment(run: RunSpec, featured: StageResult, options: SegmentOptions, seed: 
     }
     if out.model is not None:
         artifacts["model"] = store.write_with("segments", "model.skops", "model", lambda p: sio.dump(out.model, p))
-    artifacts.update(save_figures(store, "segments", lambda: segment_figures(out)))
+    if not out.assignments.empty:
+        artifacts.update(save_figures(store, "segments", lambda: segment_figures(out)))
     chosen = out.silhouette.loc[out.silhouette["chosen"].astype(bool)]
     sizes = dict(zip(out.profiles["segment_name"], out.profiles["customers"].astype(int), strict=True))
     metrics = {

@@ -103,8 +103,9 @@ def test_parse_entity_renames_through_the_mapping():
 
 
 def test_missing_required_column_is_a_permanent_error_naming_the_column():
-    with pytest.raises(SourceSchemaError, match=r"lacks required column\(s\) 'signup_date'"):
-        parse_entity(_text(customer_id=["c1"]), "customers", load_mapping("sample"), "customers.csv")
+    with pytest.raises(SourceSchemaError, match=r"lacks required column\(s\) 'order_ts'"):
+        parse_entity(_text(order_id=["o1"], customer_id=["c1"], product_id=["p1"], quantity=["1"],
+                           unit_price=["2.5"]), "order_lines", load_mapping("sample"), "order_lines.csv")
 
 
 def test_read_csv_with_bom_semicolons_latin1_and_crlf(tmp_path):
