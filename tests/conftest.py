@@ -32,6 +32,15 @@ def assert_published_facts(inputs: dict) -> None:
     assert inputs["entities"]["customers"]["rows"] == ONLINE_RETAIL_FACTS["distinct_customer_ids"]
 
 
+def read_all(read, **filters) -> list:
+    """Every record a Prefect client ``read_*`` method returns, page by page: the server caps one answer at
+    ``PREFECT_API_DEFAULT_LIMIT`` (200), and a session's logs outgrow that."""
+    records: list = []
+    while page := read(**filters, limit=200, offset=len(records)):
+        records.extend(page)
+    return records
+
+
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root holding a small generated export (2,000 customers, two years)."""

@@ -8,6 +8,7 @@ import pytest
 
 from crm_analytics.artifacts import file_sha256
 from crm_analytics.parameters import PipelineOptions
+from tests.conftest import read_all
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +92,8 @@ def test_no_personal_data_leaves_raw(completed_run):
             text = path.read_text()
             assert not any(email in text for email in emails), path
     with get_client(sync_client=True) as client:
-        texts = [str(a.data) for a in client.read_artifacts()] + [log.message for log in client.read_logs()]
+        texts = ([str(a.data) for a in read_all(client.read_artifacts)]
+                 + [log.message for log in read_all(client.read_logs)])
     assert texts
     assert not any(email in text for text in texts for email in emails)
 

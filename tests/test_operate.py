@@ -21,6 +21,7 @@ from crm_analytics.artifacts import RunLockedError, RunStore, StageResult
 from crm_analytics.parameters import PipelineOptions, RunSpec
 from flows.backfill import backfill_dates
 from tasks.common import stage_task
+from tests.conftest import read_all
 
 
 # ---- backfill dates ----------------------------------------------------------------------------------------
@@ -190,6 +191,12 @@ def test_a_run_killed_mid_way_resumes_and_ends_equal_to_an_uninterrupted_run(sam
 @pytest.mark.integration
 def test_two_runs_of_one_date_take_turns_while_another_date_runs_alongside(sample_root, prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     from flows.customer_analytics import customer_analytics
 
@@ -212,10 +219,10 @@ def test_two_runs_of_one_date_take_turns_while_another_date_runs_alongside(sampl
         thread.join(900)
     assert not errors
     with get_client(sync_client=True) as client:
-        runs = {r.id: r for r in client.read_flow_runs() if r.name.startswith("customer-analytics-2025-12-3")}
-        waited = {r.name for r in runs.values()
-                  if any("holds the run folder; waiting" in log.message for log in client.read_logs()
-                         if log.flow_run_id == r.id)}
+        runs = {r.id: r for r in read_all(client.read_flow_runs, flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(like_="customer-analytics-2025-12-3")))}
+        logs = read_all(client.read_logs, log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(runs))))
+        waited = {runs[log.flow_run_id].name for log in logs if "holds the run folder; waiting" in log.message}
     same_day = sorted((r for r in runs.values() if r.name.endswith("2025-12-31")), key=lambda r: r.start_time)
     other_day = [r for r in runs.values() if r.name.endswith("2025-12-30")]
     assert len(same_day) >= 2 and len(other_day) >= 1

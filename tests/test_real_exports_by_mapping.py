@@ -4,6 +4,7 @@ rewritten as a purchase log without products (one row per invoice: customer, dat
 basket list (one line of stock codes per invoice). Checked against figures computed here from the source."""
 
 from datetime import date
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -42,6 +43,14 @@ def test_telco_table_through_the_shipped_mapping(tmp_path, prefect_server):
     assert "no transaction features" in report
 
 
+def _export(root: Path, name: str, text: str, mapping: str) -> Path:
+    """``text`` as ``root/landing/name`` and ``mapping`` as a YAML file beside it; returns the mapping's path."""
+    (root / "landing").mkdir(exist_ok=True)
+    (root / "landing" / name).write_text(text)
+    (root / "mapping.yaml").write_text(mapping)
+    return root / "mapping.yaml"
+
+
 def _online_retail_invoices() -> pd.DataFrame:
     if not BY_DAY.is_dir():
         pytest.skip(f"the Online Retail export is not at {BY_DAY} (it lives in ../shared, outside the repo)")
@@ -57,11 +66,7 @@ def test_online_retail_as_a_purchase_log_without_products(tmp_path, prefect_serv
                                          units=("Quantity", "sum"), amount=("amount", "sum")).reset_index(drop=True)
     log["customer"] = log["customer"].str.removesuffix(".0")
     log["amount"] = log["amount"].round(2)
-    landing = tmp_path / "landing"
-    landing.mkdir()
-    log.to_csv(landing / "purchases.csv", index=False)
-    mapping = tmp_path / "log.yaml"
-    mapping.write_text("""\
+    mapping = _export(tmp_path, "purchases.csv", log.to_csv(index=False), """\
 name: online-retail-as-a-purchase-log
 entities:
   order_lines:
@@ -87,11 +92,7 @@ entities:
 def test_online_retail_as_a_basket_list(tmp_path, prefect_server):
     lines = _online_retail_invoices()
     baskets = lines.groupby("InvoiceNo")["StockCode"].agg(lambda codes: sorted(set(codes.str.strip())))
-    landing = tmp_path / "landing"
-    landing.mkdir()
-    (landing / "baskets.csv").write_text("".join(",".join(b) + "\n" for b in baskets))
-    mapping = tmp_path / "baskets.yaml"
-    mapping.write_text("""\
+    mapping = _export(tmp_path, "baskets.csv", "".join(",".join(b) + "\n" for b in baskets), """\
 name: online-retail-as-a-basket-list
 entities:
   order_lines:
