@@ -41,12 +41,26 @@ def expand_env(text: str) -> str:
     return _ENV_PATTERN.sub(replace, text)
 
 
+WHITESPACE = "whitespace"
+
+
 class CsvOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    delimiter: str = ","
+    delimiter: str = Field(",", description=f"one character, or {WHITESPACE!r}: runs of blanks and tabs separate "
+                           "fields (column-aligned text exports such as CDNOW's).")
     quote_char: str = '"'
     encoding: str = Field("utf-8", description="utf-8 (a BOM is ignored), latin-1, cp1252, ...")
+    header: bool = Field(True, description="the first line names the columns; false: name them in column_names.")
+    column_names: list[str] | None = Field(None, description="the columns of a file without a header line.")
+
+    @model_validator(mode="after")
+    def _names_without_header(self) -> CsvOptions:
+        if self.header == (self.column_names is not None):
+            raise ValueError("csv: give column_names exactly when header is false")
+        if self.delimiter != WHITESPACE and len(self.delimiter) != 1:
+            raise ValueError(f"csv delimiter {self.delimiter!r}: one character or {WHITESPACE!r}")
+        return self
 
 
 class RegexReplace(BaseModel):

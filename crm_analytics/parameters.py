@@ -205,7 +205,8 @@ class PipelineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mapping: str = Field(
-        "sample", description="Source mapping: a shipped name (sample, online_retail, telco) or a path to a YAML file."
+        "sample", description="Source mapping: a shipped name (sample, online_retail, telco, cdnow, groceries) or "
+        "a path to a YAML file."
     )
     landing_dir: str | None = Field(
         None, description="Overrides the mapping's landing folder (absolute, or relative to the data root)."

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from crm_analytics.artifacts import StageResult
 from crm_analytics.distributed import executor_metrics, partition_count, stage_client
 from crm_analytics.mapping import (
+    WHITESPACE,
     DatabaseSpec,
     EntitySource,
     MappingError,
@@ -313,8 +314,14 @@ def source_columns(path: Path, source: EntitySource) -> list[str]:
     if source.format == "baskets":
         return list(BASKET_COLUMNS)
     options = source.csv
+    if not options.header:
+        return list(options.column_names)
     with path.open(encoding=options.encoding, newline="") as handle:
-        header = next(csv.reader(handle, delimiter=options.delimiter, quotechar=options.quote_char), None)
+        line = handle.readline()
+    if options.delimiter == WHITESPACE:
+        header = line.split()
+    else:
+        header = next(csv.reader([line], delimiter=options.delimiter, quotechar=options.quote_char), None)
     if not header:
         raise SourceSchemaError(f"{path}: empty file or no header line")
     header[0] = header[0].lstrip("\ufeff")
@@ -328,13 +335,16 @@ def read_source_text(path: Path, source: EntitySource) -> pd.DataFrame:
         frame = table.cast(pa.schema([(f.name, pa.string()) for f in table.schema])).to_pandas()
     elif source.format == "baskets":
         return read_baskets(path, source)
+    elif source.csv.delimiter == WHITESPACE:
+        frame = read_whitespace_separated(path, source)
     else:
         options = source.csv
         header = source_columns(path, source)
         try:
             table = pacsv.read_csv(
                 path,
-                read_options=pacsv.ReadOptions(encoding=options.encoding, column_names=header, skip_rows=1),
+                read_options=pacsv.ReadOptions(encoding=options.encoding, column_names=header,
+                                               skip_rows=1 if options.header else 0),
                 parse_options=pacsv.ParseOptions(delimiter=options.delimiter, quote_char=options.quote_char,
                                                  newlines_in_values=True),
                 convert_options=pacsv.ConvertOptions(
@@ -345,9 +355,29 @@ def read_source_text(path: Path, source: EntitySource) -> pd.DataFrame:
         except pa.ArrowInvalid as exc:
             raise SourceSchemaError(f"{path}: cannot parse as CSV with {options.model_dump()}: {exc}") from exc
         frame = table.to_pandas()
-    # Line in the file (header is line 1); exact unless quoted fields span several lines.
-    frame[SOURCE_LINE] = np.arange(2, len(frame) + 2, dtype=np.int64)
+    # Line in the file (a header is line 1); exact unless quoted fields span several lines or lines are blank.
+    first = 2 if source.format != "csv" or source.csv.header else 1
+    frame[SOURCE_LINE] = np.arange(first, len(frame) + first, dtype=np.int64)
     return frame
+
+
+def read_whitespace_separated(path: Path, source: EntitySource) -> pd.DataFrame:
+    """A column-aligned text file (fields separated by runs of blanks or tabs, leading blanks ignored) with every
+    column as text; a line with more fields than there are columns is an error naming the file (a line with
+    fewer has missing values, which validation quarantines)."""
+    options = source.csv
+    names = source_columns(path, source)
+    try:
+        frame = pd.read_csv(path, sep=r"\s+", header=None, skiprows=1 if options.header else 0, dtype="string",
+                            encoding=options.encoding, keep_default_na=False, na_values=[""], engine="c")
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise SourceSchemaError(f"{path}: cannot read as whitespace-separated columns {names}: {exc}") from exc
+    if frame.shape[1] > len(names):
+        line = int(frame.iloc[:, len(names):].notna().any(axis=1).to_numpy().argmax()) + 1 + options.header
+        raise SourceSchemaError(f"{path}: cannot read as whitespace-separated columns {names}: line {line} has "
+                                f"{frame.shape[1]} fields")
+    frame.columns = names[: frame.shape[1]]
+    return frame.reindex(columns=names)
 
 
 BASKET_COLUMNS = ["basket", "item"]

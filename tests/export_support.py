@@ -58,9 +58,10 @@ entities:
     return mapping
 
 
-def write_purchase_log(root: Path, seed: int = 4) -> tuple[Path, pd.DataFrame]:
-    """CDNOW-shaped purchases.csv (customer, YYYYMMDD date, quantity, amount; no order id, no product) over
-    two years; returns the mapping and the log itself."""
+def write_purchase_log(root: Path, seed: int = 4) -> tuple[str, pd.DataFrame]:
+    """A purchase log in CDNOW_master.txt's layout (column-aligned, no header: customer, YYYYMMDD date, number
+    of CDs, dollar amount; no order id, no product) over two years, read through the shipped ``cdnow`` mapping;
+    returns the mapping's name and the log itself."""
     rng = np.random.default_rng(seed)
     rows = []
     for customer in range(1, 401):
@@ -75,26 +76,15 @@ def write_purchase_log(root: Path, seed: int = 4) -> tuple[Path, pd.DataFrame]:
     log = pd.DataFrame(rows, columns=["id", "date", "cds", "dollars"])
     landing = root / "landing"
     landing.mkdir(parents=True, exist_ok=True)
-    log.to_csv(landing / "purchases.csv", index=False)
-    mapping = root / "purchases.yaml"
-    mapping.write_text("""\
-name: purchase-log
-entities:
-  order_lines:
-    files: purchases.csv
-    columns: {customer_id: id, order_ts: date, quantity: cds, unit_price: dollars}
-    formats: {order_ts: "%Y%m%d"}
-    unit_price_is_line_total: true     # the amount is the purchase's total
-    compose: {order_id: [_source_file, _source_line]}   # each row is one purchase
-    defaults: {product_id: all}        # no products in this export
-# no customers or products entity: both are derived from the order lines
-""")
-    return mapping, log
+    (landing / "CDNOW_master.txt").write_text("".join(
+        f"{r.id:>6} {r.date} {r.cds:>2} {r.dollars:>7.2f}\n" for r in log.itertuples()))
+    return "cdnow", log
 
 
-def write_basket_list(root: Path, seed: int = 5) -> tuple[Path, list[list[str]]]:
-    """Groceries-shaped baskets.csv: one basket per line, comma-separated items, no header, no customer, no
-    time. Bread and butter are planted together; returns the mapping and the baskets."""
+def write_basket_list(root: Path, seed: int = 5) -> tuple[str, list[list[str]]]:
+    """A basket list in the layout of arules' groceries.csv (one basket per line, comma-separated items, no
+    header, no customer, no time), read through the shipped ``groceries`` mapping. Bread and butter are planted
+    together; returns the mapping's name and the baskets."""
     rng = np.random.default_rng(seed)
     items = ["milk", "eggs", "apples", "rice", "tea", "coffee", "cheese", "yogurt", "pasta", "beans"]
     baskets = []
@@ -107,19 +97,5 @@ def write_basket_list(root: Path, seed: int = 5) -> tuple[Path, list[list[str]]]
         baskets.append(basket)
     landing = root / "landing"
     landing.mkdir(parents=True, exist_ok=True)
-    (landing / "baskets.csv").write_text("".join(",".join(b) + "\n" for b in baskets))
-    mapping = root / "baskets.yaml"
-    mapping.write_text("""\
-name: basket-list
-entities:
-  order_lines:
-    files: baskets.csv
-    format: baskets                    # columns: basket (line number), item
-    columns: {order_id: basket, customer_id: basket, product_id: item}
-    defaults: {order_ts: "2025-06-30", quantity: 1, unit_price: 0}   # undated, unpriced baskets
-  customers:
-    derive:
-      from: order_lines
-      columns: {signup_date: "first:order_ts"}
-""")
-    return mapping, baskets
+    (landing / "groceries.csv").write_text("".join(",".join(b) + "\n" for b in baskets))
+    return "groceries", baskets

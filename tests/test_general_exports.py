@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from crm_analytics.mapping import EntitySource, MappingError, SourceMapping, load_mapping
+from crm_analytics.mapping import CsvOptions, EntitySource, MappingError, SourceMapping, load_mapping
 from crm_analytics.parameters import PipelineOptions
 from crm_analytics.schema import SOURCE_FILE, SOURCE_LINE, UNCATEGORISED
 from tasks.common import SourceSchemaError
-from tasks.ingest import parse_entity, read_baskets
+from tasks.ingest import parse_entity, read_baskets, read_source_text
 from tests.export_support import (
     BASKETS,
     PLANTED_PAIR,
@@ -97,9 +97,31 @@ def test_read_baskets_gives_one_row_per_item_with_its_line(tmp_path):
     assert out[SOURCE_LINE].tolist() == [1, 1, 1, 3, 4, 4]
 
 
-def test_the_example_mappings_load(tmp_path):
+def test_a_column_aligned_file_without_header_reads_as_text(tmp_path):
+    path = tmp_path / "CDNOW_master.txt"
+    path.write_text("   00001 19970101  1   11.77\n   00002 19970112  5   77.00\n\t00003 19970102 2 20.76\n")
+    mapping = load_mapping("cdnow")
+    out = read_source_text(path, mapping.entities["order_lines"])
+    assert out["customer"].tolist() == ["00001", "00002", "00003"]  # leading zeros kept: ids are text
+    assert out["dollars"].tolist() == ["11.77", "77.00", "20.76"]
+    assert out[SOURCE_LINE].tolist() == [1, 2, 3]  # no header: the first line is data
+    out[SOURCE_FILE] = "CDNOW_master.txt"
+    lines = parse_entity(out, "order_lines", mapping, "CDNOW_master.txt")
+    assert lines["unit_price"].tolist() == [11.77, 15.4, 10.38]
+    assert lines["order_id"].tolist() == ["CDNOW_master.txt|1", "CDNOW_master.txt|2", "CDNOW_master.txt|3"]
+    path.write_text("00001 19970101 1 11.77 extra\n")
+    with pytest.raises(SourceSchemaError, match="CDNOW_master.txt: cannot read as whitespace-separated"):
+        read_source_text(path, mapping.entities["order_lines"])
+    with pytest.raises(ValueError, match="column_names exactly when header is false"):
+        CsvOptions(header=False)
+
+
+def test_the_example_and_shipped_mappings_load(tmp_path):
     for write in (write_contract_table, lambda r: write_purchase_log(r)[0], lambda r: write_basket_list(r)[0]):
         assert load_mapping(write(tmp_path)).entities["customers"]
+    assert set(load_mapping("telco").entities) == {"customers", "churn_labels"}
+    for shipped in ("cdnow", "groceries"):  # purchase logs: customers and products derived from the lines
+        assert load_mapping(shipped).read_order() == ["order_lines", "customers", "products"]
     with pytest.raises(MappingError):
         (tmp_path / "bad.yaml").write_text("entities: {customers: {files: c.csv}}\n")
         load_mapping(tmp_path / "bad.yaml")
@@ -176,5 +198,5 @@ def test_a_basket_list(tmp_path, prefect_server):
                      for a, c in zip(rules["antecedents"], rules["consequents"], strict=True)]]
     together = sum(set(PLANTED_PAIR) <= set(b) for b in baskets)
     assert len(planted) == 1 and planted["support_count"].iloc[0] == together
-    assert "skipped" in manifest["stages"]["churn"]  # undated baskets cannot be labelled
-    assert "**Skipped:** churn needs history" in report
+    reason = manifest["stages"]["churn"]["skipped"]  # undated baskets cannot be labelled
+    assert "only one class" in reason and f"**Skipped:** {reason.rstrip('.')}." in report
