@@ -222,8 +222,12 @@ class SourceMapping(BaseModel):
         path = Path(expand_env(override or self.landing_dir)).expanduser()
         return path if path.is_absolute() else data_root / path
 
+    def source(self, entity: str) -> EntitySource:
+        """The entity's source, or for an optional entity the export lacks, one with no extra columns."""
+        return self.entities.get(entity) or EntitySource(files="absent")
+
     def column_types(self, entity: str) -> dict[str, ColumnType]:
-        source = self.entities.get(entity, EntitySource(files="absent"))
+        source = self.source(entity)
         types = dict(CANONICAL_COLUMNS[entity])
         types.update({column: source.types.get(column, "string") for column in source.keep})
         return types

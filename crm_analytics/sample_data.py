@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -385,33 +386,50 @@ def true_churn_probability(truth: pd.DataFrame, last_purchase: pd.Series, cutoff
     lam = t["order_rate_per_day"].to_numpy()[:, None]
     mu = t["churn_hazard_per_day"].to_numpy()[:, None]
     cutoff = _naive_utc(pd.Timestamp(cutoff))
-    last = pd.to_datetime(last_purchase)
-    last = last.dt.tz_convert("UTC").dt.tz_localize(None) if last.dt.tz is not None else last
-    origin = np.datetime64(last.min().floor("D"), "D")
+    last = _naive_seconds(last_purchase)
+    days, integral = _seasonal_clock(last.min(), cutoff, horizon_days)
+    c, l_ = days(np.datetime64(cutoff)), days(last)[:, None]
+    steps = np.linspace(0.0, 1.0, 200)
+    # Since the last purchase: stayed alive and silent until the cutoff, or stopped silently at some tau.
+    alive, died = _silent_interval(l_, c, lam, mu, integral, steps)
+    p_alive = alive / (alive + died)
+    # After the cutoff: silent for the whole horizon, alive or stopping part-way.
+    silent_alive, silent_stop = _silent_interval(c, c + horizon_days, lam, mu, integral, steps)
+    probability = (1.0 - p_alive) + p_alive * (silent_alive + silent_stop)
+    return pd.Series(probability[:, 0], index=last_purchase.index, name="true_churn_probability")
+
+
+def _seasonal_clock(first: np.datetime64 | pd.Timestamp, cutoff: pd.Timestamp, horizon_days: int
+                    ) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+    """Two functions on a time axis in days since the day of ``first``: ``days(ts)`` places naive timestamps on
+    it, ``integral(d)`` is the seasonal intensity integrated from its origin (covering ``cutoff + h``)."""
+    origin = np.datetime64(pd.Timestamp(first).floor("D"), "D")
     grid = np.arange(origin, np.datetime64(cutoff, "D") + (horizon_days + 2) * DAY, DAY)
     cum = np.concatenate([[0.0], np.cumsum(seasonal_factor(grid))])  # integral of s(t) from origin to day k
 
-    def integral(days: np.ndarray) -> np.ndarray:
-        return np.interp(days, np.arange(len(cum)), cum)
-
-    def days_since_origin(ts: np.ndarray) -> np.ndarray:
+    def days(ts: np.ndarray) -> np.ndarray:
         return (ts.astype("datetime64[s]") - origin.astype("datetime64[s]")) / np.timedelta64(1, "D")
 
-    c = float(days_since_origin(np.datetime64(cutoff)))
-    l_ = days_since_origin(last.to_numpy())[:, None]
-    steps = np.linspace(0.0, 1.0, 200)[None, :]
-    # Since the last purchase: stayed alive and silent until the cutoff, or stopped silently at some tau.
-    tau = l_ + (c - l_) * steps
-    alive = np.exp(-mu * (c - l_) - lam * (integral(c) - integral(l_)))
-    died = np.trapezoid(mu * np.exp(-mu * (tau - l_) - lam * (integral(tau) - integral(l_))), tau, axis=1)[:, None]
-    p_alive = alive / (alive + died)
-    # After the cutoff: silent for the whole horizon, alive or stopping part-way.
-    tau_h = c + horizon_days * steps
-    silent_alive = np.exp(-mu * horizon_days - lam * (integral(c + horizon_days) - integral(c)))
-    silent_stop = np.trapezoid(mu * np.exp(-mu * (tau_h - c) - lam * (integral(tau_h) - integral(c))), tau_h,
-                               axis=1)[:, None]
-    probability = (1.0 - p_alive) + p_alive * (silent_alive + silent_stop)
-    return pd.Series(probability[:, 0], index=last_purchase.index, name="true_churn_probability")
+    def integral(d: np.ndarray) -> np.ndarray:
+        return np.interp(d, np.arange(len(cum)), cum)
+
+    return days, integral
+
+
+def _silent_interval(start: np.ndarray | float, end: np.ndarray | float, rate: np.ndarray, hazard: np.ndarray,
+                     integral: Callable[[np.ndarray], np.ndarray],
+                     steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a customer alive at ``start`` (days on the seasonal clock), buying at ``rate x s(t)`` until stopping
+    at ``hazard``: the probability of no purchase in [start, end] and still being there at ``end``, and of no
+    purchase before stopping inside the interval (integrated over the stop time on ``steps``). Interval bounds
+    and (rate, hazard) broadcast against each other; the result has their broadcast shape."""
+    start, end = np.asarray(start, dtype="float64"), np.asarray(end, dtype="float64")
+    tau = start[..., None] + (end - start)[..., None] * steps  # stop times, on the last axis
+    exposure = integral(tau) - integral(start)[..., None]
+    alive = np.exp(-hazard * (end - start) - rate * exposure[..., -1])
+    died = np.trapezoid(hazard[..., None] * np.exp(-hazard[..., None] * (tau - start[..., None])
+                                                   - rate[..., None] * exposure), tau, axis=-1)
+    return alive, died
 
 
 def _naive_utc(ts: pd.Timestamp) -> pd.Timestamp:
@@ -423,18 +441,22 @@ POSTERIOR_STEPS = 64  # trapezoid steps for the integrals over a silent stop tim
 POSTERIOR_CHUNK = 256  # customers per block (block x nodes x steps floats in memory)
 
 
+def _type_shares() -> np.ndarray:
+    shares = np.array([t.share for t in CUSTOMER_TYPES])
+    return shares / shares.sum()
+
+
 def _prior_nodes() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The generator's prior over (type, order rate, hazard) as weighted nodes: for each type its share, times
-    Gauss-Hermite nodes of the two log-normal factors ``_make_customers`` draws. Returns type index, rate per
-    day, hazard per day and log weight per node."""
+    """Each type's prior over (order rate, hazard) as weighted nodes: Gauss-Hermite nodes of the two log-normal
+    factors ``_make_customers`` draws. Returns type index, rate per day, hazard per day and log weight within
+    the type per node."""
     z, w = np.polynomial.hermite_e.hermegauss(POSTERIOR_NODES)  # standard normal nodes, weights sum to sqrt(2 pi)
     log_w = np.log(w / w.sum())
-    shares = np.array([t.share for t in CUSTOMER_TYPES])
     t_idx, i, j = (a.ravel() for a in np.meshgrid(np.arange(len(CUSTOMER_TYPES)), np.arange(z.size),
                                                    np.arange(z.size), indexing="ij"))
     rate = np.array([t.orders_per_year for t in CUSTOMER_TYPES])[t_idx] * np.exp(-0.06 + 0.35 * z[i]) / 365.0
     hazard = np.array([t.yearly_churn_hazard for t in CUSTOMER_TYPES])[t_idx] * np.exp(-0.05 + 0.3 * z[j]) / 365.0
-    return t_idx, rate, hazard, np.log(shares / shares.sum())[t_idx] + log_w[i] + log_w[j]
+    return t_idx, rate, hazard, log_w[i] + log_w[j]
 
 
 def posterior_churn_probability(signup: pd.Series, orders: pd.DataFrame, data_start: pd.Timestamp,
@@ -453,8 +475,7 @@ def posterior_churn_probability(signup: pd.Series, orders: pd.DataFrame, data_st
     """
     log_evidence, churn = posterior_by_type(signup, orders, data_start, cutoff, horizon_days)
     if customer_type is None:
-        shares = np.array([t.share for t in CUSTOMER_TYPES])
-        log_type = log_evidence + np.log(shares / shares.sum())[None, :]
+        log_type = log_evidence + np.log(_type_shares())[None, :]
     else:
         names = {t.name: i for i, t in enumerate(CUSTOMER_TYPES)}
         known = customer_type.reindex(orders.index).map(names).to_numpy()
@@ -470,58 +491,37 @@ def posterior_by_type(signup: pd.Series, orders: pd.DataFrame, data_start: pd.Ti
     given the type (up to a constant shared by all types), and P(churn | timing, type). Integrates the type's
     log-normal order rate and hazard on Gauss-Hermite nodes (``posterior_churn_probability`` has the inputs)."""
     t_idx, rate, hazard, log_prior = _prior_nodes()
-    types = len(CUSTOMER_TYPES)
-    log_prior = log_prior - np.log(np.array([t.share for t in CUSTOMER_TYPES]) / sum(
-        t.share for t in CUSTOMER_TYPES))[t_idx]  # within-type node weights
     cutoff = _naive_utc(pd.Timestamp(cutoff))
     data_start = _naive_utc(pd.Timestamp(data_start))
-    last = _naive_days(orders["last_order"])
-    signup_at = _naive_days(signup.reindex(orders.index))
-    origin = np.datetime64(min(data_start, pd.Timestamp(signup_at.min())).floor("D"), "D")
-    grid = np.arange(origin, np.datetime64(cutoff, "D") + (horizon_days + 2) * DAY, DAY)
-    cum = np.concatenate([[0.0], np.cumsum(seasonal_factor(grid))])
-
-    def days(ts: np.ndarray) -> np.ndarray:
-        return (ts.astype("datetime64[s]") - origin.astype("datetime64[s]")) / np.timedelta64(1, "D")
-
-    def integral(d: np.ndarray) -> np.ndarray:
-        return np.interp(d, np.arange(len(cum)), cum)
-
-    c = float(days(np.datetime64(cutoff)))
+    last = _naive_seconds(orders["last_order"])
+    signup_at = _naive_seconds(signup.reindex(orders.index))
+    days, integral = _seasonal_clock(min(data_start, pd.Timestamp(signup_at.min())), cutoff, horizon_days)
+    c = days(np.datetime64(cutoff))
     start = max(float(days(np.datetime64(data_start))), 0.0)
     steps = np.linspace(0.0, 1.0, POSTERIOR_STEPS)
     # After the cutoff the same for everyone: silent through the horizon alive, or stopping part-way (per node).
-    tau_h = c + horizon_days * steps
-    s_h = integral(tau_h) - integral(c)
-    silent_alive = np.exp(-hazard * horizon_days - rate * s_h[-1])
-    silent_stop = np.trapezoid(hazard[:, None] * np.exp(-hazard[:, None] * (tau_h - c) - rate[:, None] * s_h),
-                               tau_h, axis=1)
+    silent_alive, silent_stop = _silent_interval(c, c + horizon_days, rate, hazard, integral, steps)
     silent_h = silent_alive + silent_stop
 
     k = orders["orders"].to_numpy("float64")
     l_ = days(last)
     s_ = days(signup_at)
     a = np.maximum(s_, start)  # purchases are observable from signup or from the start of the data
-    log_evidence = np.empty((len(orders), types))
-    churn = np.empty((len(orders), types))
+    log_evidence = np.empty((len(orders), len(CUSTOMER_TYPES)))
+    churn = np.empty((len(orders), len(CUSTOMER_TYPES)))
     for lo in range(0, len(orders), POSTERIOR_CHUNK):
         part = slice(lo, lo + POSTERIOR_CHUNK)
-        lp, cp = l_[part, None], (c - l_[part])[:, None]
-        tau = lp + cp * steps[None, :]
-        ds = (integral(tau) - integral(lp))[:, None, :]  # seasonal exposure from the last order to tau
         # Likelihood of the history given a node: k orders while alive from a to the last order (the product of
         # the seasonal factors at the order times is the same for every node and cancels), survival from signup
         # to the last order, then silence until the cutoff, alive throughout or stopping at some tau.
         log_lik = (k[part, None] * np.log(rate)[None, :]
                    - rate[None, :] * (integral(l_[part]) - integral(a[part]))[:, None]
                    - hazard[None, :] * (l_[part] - s_[part])[:, None])
-        alive = np.exp(-hazard[None, :] * cp - rate[None, :] * ds[:, :, -1])
-        died = np.trapezoid(hazard[None, :, None] * np.exp(-hazard[None, :, None] * (tau[:, None, :] - lp[:, :, None])
-                                                           - rate[None, :, None] * ds), tau[:, None, :], axis=2)
+        alive, died = _silent_interval(l_[part, None], c, rate[None, :], hazard[None, :], integral, steps)
         silence = alive + died
         log_node = log_prior[None, :] + log_lik + np.log(silence)
         churn_given_node = (died + alive * silent_h[None, :]) / silence
-        for t in range(types):
+        for t in range(len(CUSTOMER_TYPES)):
             node = log_node[:, t_idx == t]
             top = node.max(axis=1, keepdims=True)
             weight = np.exp(node - top)
@@ -530,7 +530,8 @@ def posterior_by_type(signup: pd.Series, orders: pd.DataFrame, data_start: pd.Ti
     return log_evidence, churn
 
 
-def _naive_days(values: pd.Series) -> np.ndarray:
+def _naive_seconds(values: pd.Series) -> np.ndarray:
+    """Timestamps (naive, or aware and converted to UTC) as naive datetime64[s]."""
     ts = pd.to_datetime(values)
     ts = ts.dt.tz_convert("UTC").dt.tz_localize(None) if ts.dt.tz is not None else ts
     return ts.to_numpy("datetime64[s]")

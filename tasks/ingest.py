@@ -51,6 +51,7 @@ from tasks.common import IO_RETRY, SourceSchemaError, stage_logger, stage_task
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 ENTITY_KEYS = {"customers": "customer_id", "products": "product_id"}
+BASKET_COLUMNS = ["basket", "item"]  # what ``format: baskets`` reads a basket list as
 
 
 # ---- pure core ------------------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source
     ``text`` holds the source columns as strings plus the lineage columns. Returns the canonical columns (a
     missing optional column is all-null), the lineage, and ``_parse_errors`` naming each unparseable value.
     """
-    source = mapping.entities[entity]
+    source = mapping.source(entity)
     types = mapping.column_types(entity)
     renames = {canonical: source.columns.get(canonical, canonical) for canonical in types}
     text = with_provided_columns(text, source, renames)
@@ -236,8 +237,7 @@ def empty_entity(entity: str, mapping: SourceMapping) -> pd.DataFrame:
     text = pd.DataFrame({column: pd.Series(dtype="string") for column in CANONICAL_COLUMNS[entity]})
     text[SOURCE_FILE] = pd.Series(dtype="string")
     text[SOURCE_LINE] = pd.Series(dtype="int64")
-    identity = mapping.model_copy(update={"entities": {**mapping.entities, entity: EntitySource(files="absent")}})
-    return parse_entity(text, entity, identity, "absent entity")
+    return parse_entity(text, entity, mapping, "absent entity")
 
 
 def _mode(values: pd.Series, keys: pd.Series) -> pd.Series:
@@ -378,9 +378,6 @@ def read_whitespace_separated(path: Path, source: EntitySource) -> pd.DataFrame:
                                 f"{frame.shape[1]} fields")
     frame.columns = names[: frame.shape[1]]
     return frame.reindex(columns=names)
-
-
-BASKET_COLUMNS = ["basket", "item"]
 
 
 def read_baskets(path: Path, source: EntitySource) -> pd.DataFrame:
@@ -633,7 +630,7 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None) -> S
     artifacts, metrics = {}, {}
     for entity, frame in frames.items():
         artifacts[entity] = store.write_frame("raw", entity, frame)
-        metrics[entity] = ingest_metrics(frame, entity, mapping.entities.get(entity, EntitySource(files="absent")))
+        metrics[entity] = ingest_metrics(frame, entity, mapping.source(entity))
         if entity in sources:
             metrics[entity]["read"] = sources[entity]["mode"]
         log.info("ingested %s: %d rows from %d source(s) (%s)", entity, len(frame), metrics[entity]["files"],

@@ -130,7 +130,7 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
         key_column = {"customers": "customer_id", "products": "product_id"}.get(entity)
         if key_column:
             valid_ids[entity] = outcome.valid[key_column].dropna().unique().tolist()
-        pii = mapping.entities[entity].pii if entity in mapping.entities else []
+        pii = mapping.source(entity).pii
         artifacts[entity] = store.write_frame("validated", entity, pseudonymise(outcome.valid, pii, key))
         artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity,
                                                               pseudonymise(outcome.quarantine, pii, key))
