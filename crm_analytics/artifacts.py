@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import subprocess
 import time
 import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
@@ -28,6 +30,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 import crm_analytics
+from crm_analytics.errors import PermanentError
 
 MANIFEST_NAME = "_manifest.json"
 STAGE_RECORDS = "_stages"
@@ -96,8 +99,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-class RunLockedError(RuntimeError):
-    """Another run of the same as-of date holds the run folder."""
+class RunLockedError(PermanentError, RuntimeError):
+    """Another run of the same as-of date holds the run folder (reported as one line: nothing is broken)."""
 
 
 @lru_cache(maxsize=1)
@@ -292,6 +295,65 @@ class RunStore:
 
     def relative(self, ref: ArtifactRef) -> str:
         return str(Path(ref.path).relative_to(self.run_dir))
+
+
+# A fixed time for every zip entry: the zip format stores each entry's write time (the earliest it can hold).
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def deterministic_skops(data: bytes) -> bytes:
+    """A skops file rewritten so identical models give identical bytes, loading exactly as before.
+
+    skops names the arrays inside its zip by ``id(obj)`` (a memory address) or a random uuid, records the same
+    addresses as each node's ``__id__``, and stamps every zip entry with the current time. Both kinds of name are
+    renumbered in the order the schema first mentions them (so objects that shared an id still share one), and
+    every entry gets a fixed time and mode.
+    """
+    with zipfile.ZipFile(io.BytesIO(data)) as source:
+        members = {info.filename: info for info in source.infolist()}
+        schema = json.loads(source.read("schema.json"))
+        files: dict[str, str] = {}
+        ids: dict[int, int] = {}
+
+        def renumber(node: Any) -> Any:
+            if isinstance(node, list):
+                return [renumber(item) for item in node]
+            if not isinstance(node, dict):
+                return node
+            out = {}
+            for key, value in node.items():
+                if key == "__id__" and isinstance(value, int) and not isinstance(value, bool):
+                    out[key] = ids.setdefault(value, len(ids))
+                elif key == "file" and isinstance(value, str) and value in members and value != "schema.json":
+                    out[key] = files.setdefault(value, f"{len(files):06d}{Path(value).suffix}")
+                else:
+                    out[key] = renumber(value)
+            return out
+
+        schema = renumber(schema)
+        # Entries the schema does not name (none in skops' format today) keep their name, in name order.
+        entries = sorted((new, old) for old, new in files.items())
+        entries += sorted((old, old) for old in members if old not in files and old != "schema.json")
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as target:
+            for new, old in entries:
+                target.writestr(_zip_entry(new, members[old]), source.read(old))
+            target.writestr(_zip_entry("schema.json", members["schema.json"]), json.dumps(schema, indent=2))
+    return buffer.getvalue()
+
+
+def _zip_entry(name: str, like: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+    info.compress_type = like.compress_type
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def dump_skops(model: Any, path: Path) -> None:
+    """Save a model with skops, byte-identical for identical models (see ``deterministic_skops``)."""
+    import skops.io as sio
+
+    Path(path).write_bytes(deterministic_skops(sio.dumps(model)))
 
 
 def _json_default(value: Any) -> Any:

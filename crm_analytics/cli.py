@@ -1,4 +1,9 @@
-"""The ``crm-analytics`` command: generate sample data, run the pipeline for a date, show a run's summary."""
+"""The ``crm-analytics`` command: generate sample data, run the pipeline for a date, show a run's summary.
+
+A user error (a bad mapping or option, a missing or malformed input, the data-quality gate, an unreachable
+database) ends the command with one line ``error: ...`` on stderr and exit code 1 (2 for a misused command
+line); only a bug in the pipeline prints a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,61 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from crm_analytics.errors import PermanentError
 from crm_analytics.settings import configure_prefect_defaults, get_settings
+from crm_analytics.user_errors import PREFIX, user_error_line
 
-app = typer.Typer(help="Customer-analytics pipeline on Prefect.", no_args_is_help=True, add_completion=False)
+
+class OneLineErrorsTyper(typer.Typer):
+    """A Typer app whose commands end a user error with one ``error:`` line instead of a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            outcome = super().__call__(*args, **{**kwargs, "standalone_mode": False})
+        except typer.TyperException as exc:  # click's errors: a misused command line, or no command at all
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show()
+            else:  # click would print the usage and a box; one line says it
+                typer.secho(f"{PREFIX}{exc.format_message()}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+        except Exception as exc:
+            if type(exc).__name__ == "Abort":  # Ctrl-C or end of input at a prompt
+                typer.secho(f"{PREFIX}interrupted", fg="red", err=True)
+                sys.exit(130)
+            if (line := user_error_line(exc)) is None:
+                raise  # a bug: its traceback is what a developer needs
+            typer.secho(line, fg="red", err=True)
+            sys.exit(1)
+        sys.exit(outcome if isinstance(outcome, int) else 0)  # standalone_mode=False returns typer.Exit's code
+
+
+# Locals are never printed with a traceback: a frame's variables may hold rows of personal data.
+app = OneLineErrorsTyper(help="Customer-analytics pipeline on Prefect.", no_args_is_help=True, add_completion=False,
+                         pretty_exceptions_enable=False, pretty_exceptions_show_locals=False)
+
+
+class UsageProblem(PermanentError):
+    """An option's value is wrong (a date that is not a date, an unknown step)."""
+
+
+def _date(text: str, option: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise UsageProblem(f"{option} {text!r} is not a date YYYY-MM-DD") from None
+
+
+def _prefect() -> None:
+    """Prefect's defaults, and a temporary server tied to this process unless PREFECT_API_URL names one."""
+    configure_prefect_defaults()
+    from crm_analytics.local_server import use_local_server_unless_configured
+
+    use_local_server_unless_configured()
+
 
 DataRoot = Annotated[Path | None, typer.Option(help="Data root (default: CRM_DATA_ROOT or ./data).")]
 
@@ -35,7 +88,7 @@ def generate(
     from crm_analytics.sample_data import generate as generate_export
 
     root = _data_root(data_root)
-    cfg = GeneratorConfig(customers=customers, seed=seed, end_date=date.fromisoformat(end_date),
+    cfg = GeneratorConfig(customers=customers, seed=seed, end_date=_date(end_date, "--end-date"),
                           dirty_rate=dirty_rate)
     started = time.perf_counter()
     counts = generate_export(cfg, root)
@@ -44,19 +97,12 @@ def generate(
 
 
 def _run(as_of: date, mapping: str, root: Path, landing_dir: str | None = None) -> Path:
-    configure_prefect_defaults()
-    from crm_analytics.mapping import MappingError
+    _prefect()
     from crm_analytics.parameters import PipelineOptions
     from flows.customer_analytics import customer_analytics
-    from tasks.common import PermanentError
 
-    try:
-        options = PipelineOptions(mapping=mapping, data_root=str(root), landing_dir=landing_dir)
-        run_dir = customer_analytics(as_of=as_of, options=options)
-    except (PermanentError, MappingError) as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
-    return Path(run_dir)
+    options = PipelineOptions(mapping=mapping, data_root=str(root), landing_dir=landing_dir)
+    return Path(customer_analytics(as_of=as_of, options=options))
 
 
 @app.command()
@@ -67,9 +113,13 @@ def run(
     data_root: DataRoot = None,
 ) -> None:
     """Run the whole pipeline for one as-of date."""
-    from flows.customer_analytics import default_as_of
+    if as_of:
+        day = _date(as_of, "--as-of")
+    else:
+        _prefect()  # before Prefect is imported: the default date asks Prefect for the scheduled start
+        from flows.customer_analytics import default_as_of
 
-    day = date.fromisoformat(as_of) if as_of else default_as_of()
+        day = default_as_of()
     landing = str(Path(landing_dir).resolve()) if landing_dir else None
     run_dir = _run(day, mapping, _data_root(data_root), landing)
     _print_summary(run_dir)
@@ -93,28 +143,23 @@ def backfill(
         "LocalCluster.")] = None,
 ) -> None:
     """Run the pipeline for every date of a range (one visible flow run per date)."""
-    configure_prefect_defaults()
-    from crm_analytics.parameters import PipelineOptions
-    from flows.backfill import BackfillFailed
-    from flows.backfill import backfill as backfill_flow
-
     if step not in ("day", "week", "month"):
-        raise typer.BadParameter(f"step must be day, week or month, not {step!r}")
+        raise UsageProblem(f"--step must be day, week or month, not {step!r}")
     if executor not in (None, "local", "dask"):
-        raise typer.BadParameter(f"executor must be local or dask, not {executor!r}")
+        raise UsageProblem(f"--executor must be local or dask, not {executor!r}")
+    first, last = _date(start, "--start"), _date(end, "--end")
+    if last < first:
+        raise UsageProblem(f"--end {last} is before --start {first}")
+    _prefect()
     from crm_analytics.distributed import ExecutorOptions
+    from crm_analytics.parameters import PipelineOptions
+    from flows.backfill import backfill as backfill_flow
 
     on = ExecutorOptions(kind=executor, address=dask_address)
     options = PipelineOptions(mapping=mapping, data_root=str(_data_root(data_root)),
                               landing_dir=str(Path(landing_dir).resolve()) if landing_dir else None)
-    from tasks.common import PermanentError
-
-    try:
-        summary = backfill_flow(start=date.fromisoformat(start), end=date.fromisoformat(end), step=step,
-                                concurrency=concurrency, force=force, options=options, executor=on)
-    except (BackfillFailed, PermanentError) as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(1) from None
+    summary = backfill_flow(start=first, end=last, step=step, concurrency=concurrency, force=force,
+                            options=options, executor=on)
     typer.echo(", ".join(f"{k}: {len(v)}" for k, v in summary.items()))
 
 
@@ -128,7 +173,7 @@ def demo(
     truth = root / "truth" / "generator.json"
     if not truth.exists() or json.loads(truth.read_text())["config"]["customers"] != customers:
         generate(customers=customers, data_root=root)
-    end_date = date.fromisoformat(json.loads(truth.read_text())["config"]["end_date"])
+    end_date = _date(json.loads(truth.read_text())["config"]["end_date"], "the generated export's end_date")
     started = time.perf_counter()
     run_dir = _run(end_date, "sample", root)
     typer.echo(f"pipeline finished in {time.perf_counter() - started:.0f}s")
@@ -143,16 +188,14 @@ def summary(
     """Print the summary of a complete run."""
     runs = _data_root(data_root) / "runs"
     if as_of:
-        run_dir = runs / f"as_of={as_of}"
+        run_dir = runs / f"as_of={_date(as_of, '--as-of')}"
     else:
         complete = sorted(p.parent for p in runs.glob("as_of=*/_manifest.json"))
         if not complete:
-            typer.secho(f"no complete run under {runs}", fg="red", err=True)
-            raise typer.Exit(1)
+            raise UsageProblem(f"no complete run under {runs}")
         run_dir = complete[-1]
     if not (run_dir / "_manifest.json").exists():
-        typer.secho(f"{run_dir} has no manifest: the run is missing or incomplete", fg="red", err=True)
-        raise typer.Exit(1)
+        raise UsageProblem(f"{run_dir} has no manifest: the run is missing or incomplete")
     _print_summary(run_dir)
 
 

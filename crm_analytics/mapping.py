@@ -3,28 +3,39 @@
 A user connects their own export by writing a mapping, not Python. See README, "Source mappings".
 Each entity comes from exactly one of: files (CSV/Parquet; one file, a glob, or one file per day), a SQL query
 (through SQLAlchemy), or a derivation from another entity (e.g. customers from invoice lines).
+
+``load_mapping`` checks everything a mapping names (columns, regexes, time zone, timestamp formats, paths) before
+any file is read and reports each error as one line naming the mapping file and the key path. ``select_files``
+reads only inside the landing folder (links out of it are refused) and fails with one line when nothing matches.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import zoneinfo
 from datetime import date
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePath
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from crm_analytics.schema import CANONICAL_COLUMNS, OPTIONAL_ENTITIES, UNCATEGORISED, ColumnType
+from crm_analytics.errors import InputError, MappingError, MissingInputError
+from crm_analytics.privacy import ALWAYS_PERSONAL, KEY_COLUMNS
+from crm_analytics.schema import (
+    CANONICAL_COLUMNS,
+    LINEAGE_COLUMNS,
+    OPTIONAL_ENTITIES,
+    UNCATEGORISED,
+    ColumnType,
+)
 
 PACKAGED_MAPPINGS = Path(__file__).resolve().parent / "mappings"
 _ENV_PATTERN = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 AGGREGATIONS = ("first", "last", "mode", "const")
-
-
-class MappingError(ValueError):
-    """The mapping itself is wrong (a permanent error: retrying cannot help)."""
+DERIVED_KEYS = {"customers": "customer_id", "products": "product_id"}  # one derived row per key
+PANDAS_FORMATS = ("ISO8601", "mixed")  # pandas' named timestamp formats, accepted besides strptime formats
 
 
 def expand_env(text: str) -> str:
@@ -53,6 +64,16 @@ class CsvOptions(BaseModel):
     encoding: str = Field("utf-8", description="utf-8 (a BOM is ignored), latin-1, cp1252, ...")
     header: bool = Field(True, description="the first line names the columns; false: name them in column_names.")
     column_names: list[str] | None = Field(None, description="the columns of a file without a header line.")
+    decimal: Literal[".", ","] = Field(".", description="decimal mark of int and float columns: '.' or ','.")
+    thousands: Literal[",", ".", " ", "'"] | None = Field(
+        None, description="thousands separator of int and float columns (groups of three digits; ' ' also takes "
+        "non-breaking spaces); none by default, so '1,234' is a parse error rather than a guess.")
+    multiline_values: bool = Field(
+        False, description="quoted values may hold line breaks (exports with multi-line text fields); by default a "
+        "row spanning several lines is quarantined, as a stray quote merges lines that way.")
+    require_final_newline: bool = Field(
+        True, description="the last line must end with a line break; if not, its row is quarantined (the file may "
+        "be cut off, e.g. a price 12.99 cut to 12.). false: accept files written without one.")
 
     @model_validator(mode="after")
     def _names_without_header(self) -> CsvOptions:
@@ -62,12 +83,50 @@ class CsvOptions(BaseModel):
             raise ValueError(f"csv delimiter {self.delimiter!r}: one character or {WHITESPACE!r}")
         return self
 
+    @model_validator(mode="after")
+    def _numbers_and_encoding(self) -> CsvOptions:
+        names = self.column_names or []
+        if twice := sorted({n for n in names if names.count(n) > 1 or not n.strip()}):
+            raise ValueError(f"csv column_names: {twice} given twice or blank")
+        if self.thousands == self.decimal:
+            raise ValueError(f"csv thousands {self.thousands!r} is also the decimal mark")
+        try:
+            ascii_compatible = bytes(range(128)).decode(self.encoding) == bytes(range(128)).decode("ascii")
+        except LookupError:
+            raise ValueError(f"csv encoding {self.encoding!r}: unknown encoding") from None
+        except UnicodeDecodeError:
+            ascii_compatible = False
+        if not ascii_compatible:  # lines are counted and headers read byte-wise: a line break must be the byte \n
+            raise ValueError(f"csv encoding {self.encoding!r}: only encodings that keep ASCII as is (utf-8, latin-1, "
+                             "cp1252, ...) are read; save the file as UTF-8")
+        return self
+
 
 class RegexReplace(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pattern: str
     repl: str = ""
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+        return pattern
+
+    @field_validator("repl")
+    @classmethod
+    def _valid_replacement(cls, repl: str, info: ValidationInfo) -> str:
+        if "pattern" not in info.data:  # the pattern itself is wrong; that error is reported
+            return repl
+        try:  # substituting into "" still compiles the template: unknown groups and bad escapes show here
+            re.compile(info.data["pattern"]).sub(repl, "")
+        except (re.error, IndexError) as exc:
+            raise ValueError(f"invalid replacement {repl!r}: {exc}") from None
+        return repl
 
 
 class DeriveSpec(BaseModel):
@@ -97,7 +156,8 @@ class EntitySource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    files: str | None = Field(None, description="File or glob, relative to the landing folder (or absolute).")
+    files: str | None = Field(None, description="File or glob, relative to the landing folder (no absolute path, "
+                              "no '..'): every file read stays inside it; set landing_dir to choose the folder.")
     query: str | None = Field(None, description="SQL query; may use :as_of_end (first instant after the as-of date).")
     derive: DeriveSpec | None = None
     format: Literal["csv", "parquet", "baskets"] = Field(
@@ -136,11 +196,24 @@ class EntitySource(BaseModel):
     )
     pii: list[str] = Field(
         default_factory=list,
-        description="personal columns (email, name, phone): kept in raw/ only; later layers get a keyed pseudonym.",
+        description="personal columns (email, name, phone): kept in raw/ only; later layers get a keyed pseudonym. "
+        "A column named email is personal without being listed.",
+    )
+    not_personal: list[str] = Field(
+        default_factory=list,
+        description="columns that look like e-mail addresses or phone numbers but are not personal data (e.g. a "
+        "shop's own support address): ingest fails on an undeclared column that looks personal unless it is here.",
     )
     cancellation_prefix: str | None = Field(
         None, description="order_id prefix that marks cancellation invoices (counted in the manifest)."
     )
+
+    @field_validator("files")
+    @classmethod
+    def _inside_landing(cls, files: str | None) -> str | None:
+        if files is not None and (problem := files_problem(files)):
+            raise ValueError(problem)
+        return files
 
     @model_validator(mode="after")
     def _one_origin(self) -> EntitySource:
@@ -212,10 +285,40 @@ class SourceMapping(BaseModel):
                     raise ValueError(f"{name} derives from {source.derive.from_entity!r}, which is not a read entity")
         return entities
 
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, timezone: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {timezone!r}: use an IANA name such as Europe/Berlin or UTC") from None
+        return timezone
+
     @model_validator(mode="after")
     def _database_for_queries(self) -> SourceMapping:
         if any(s.query for s in self.entities.values()) and self.database is None:
             self.database = DatabaseSpec()
+        return self
+
+    @model_validator(mode="after")
+    def _columns_exist(self) -> SourceMapping:
+        """Every column a key names exists in its entity, so a typo fails here, not silently at ingest."""
+        problems = [problem for name, source in self.entities.items()
+                    for problem in entity_problems(name, source, self.entities)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _always_personal(self) -> SourceMapping:
+        """A column named ``email`` is personal even if ``pii`` forgets it (``not_personal`` opts out): a
+        forgotten declaration must not put plain e-mail addresses into validated/ and clean/."""
+        for name, source in self.entities.items():
+            columns = set(CANONICAL_COLUMNS[name]) | set(source.keep)
+            declared = {*source.pii, *source.not_personal}
+            added = [c for c in ALWAYS_PERSONAL if c in columns and c not in declared]
+            if added:
+                self.entities = {**self.entities, name: source.model_copy(update={"pii": [*source.pii, *added]})}
         return self
 
     def landing_path(self, data_root: Path, override: str | None = None) -> Path:
@@ -252,12 +355,157 @@ def resolve_mapping_path(mapping: str | Path) -> Path:
 
 
 def load_mapping(mapping: str | Path) -> SourceMapping:
+    """Read and check a mapping; every error in it is found here, before any file is read, as one line
+    ``mapping <file>: <key path>: <what is wrong>`` (several errors joined by "; ")."""
     path = resolve_mapping_path(mapping)
     try:
-        payload = yaml.safe_load(path.read_text())
+        payload = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as exc:
+        raise MappingError(f"mapping {path}: {yaml_problem(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise MappingError(f"mapping {path}: not UTF-8 text (byte {exc.start})") from None
+    if not isinstance(payload, dict):
+        raise MappingError(f"mapping {path}: expected keys such as name, landing_dir and entities, got "
+                           f"{'an empty file' if payload is None else type(payload).__name__}")
+    try:
         return SourceMapping.model_validate(payload)
-    except (yaml.YAMLError, ValueError) as exc:
-        raise MappingError(f"invalid mapping {path}: {exc}") from exc
+    except ValidationError as exc:
+        raise MappingError(f"mapping {path}: {validation_problems(exc)}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error instead of the last one winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key_node.value!r}",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as "line L, column C: what" (PyYAML's own text spans several lines and quotes the file)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return one_line(f"{where}invalid YAML: {problem}" + (f" ({context})" if context else ""))
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """Pydantic's errors as "key.path: what", joined by "; " on one line (no input values are quoted)."""
+    parts: dict[str, list[str]] = {}
+    unions: dict[str, list[str]] = {}  # a value that fits no member of a union: one entry, not one per member
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        loc = [str(part) for part in error["loc"]]
+        if loc and loc[-1] in _UNION_MEMBERS:
+            unions.setdefault(".".join(loc[:-1]), []).append(_UNION_MEMBERS[loc[-1]])
+            parts.setdefault(".".join(loc[:-1]), [])
+        else:
+            parts.setdefault(".".join(loc), []).append(error["msg"].removeprefix("Value error, "))
+    for path, members in unions.items():
+        parts[path].append("expected " + (", ".join(members[:-1]) + " or " if len(members) > 1 else "") + members[-1])
+    return one_line("; ".join(f"{path}: {message}" if path else message
+                              for path, messages in parts.items() for message in dict.fromkeys(messages)))
+
+
+_UNION_MEMBERS = {"str": "text", "int": "a whole number", "float": "a number", "bool": "true or false"}
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks made blanks: an error is reported as a single line."""
+    return " ".join(text.split())
+
+
+def files_problem(pattern: str) -> str | None:
+    """Why a ``files`` pattern could leave the landing folder (absolute, home-relative or with '..'), if so."""
+    if pattern.startswith(("/", "\\", "~")) or PurePath(pattern).is_absolute() or re.match(r"[A-Za-z]:[/\\]", pattern):
+        return (f"{pattern!r} is an absolute path; files are relative to landing_dir (make landing_dir the folder "
+                "that holds them)")
+    if ".." in re.split(r"[/\\]", pattern):
+        return f"{pattern!r} leaves the landing folder ('..'); files must be inside landing_dir"
+    return None
+
+
+def format_problem(fmt: str) -> str | None:
+    """Why a timestamp format cannot work, if so: no % directive (a placeholder like YYYY-MM-DD) or a bad one."""
+    if fmt in PANDAS_FORMATS:
+        return None
+    if "%" not in fmt:
+        return f"format {fmt!r} has no % directive (a strptime format such as '%d.%m.%Y %H:%M')"
+    import pandas as pd
+
+    try:  # pandas parses the column with this format, so ask pandas (a bad directive fails whatever the value)
+        pd.to_datetime(pd.Series(["0"]), format=fmt, errors="coerce")
+    except ValueError as exc:
+        return f"format {fmt!r}: {exc}"
+    return None
+
+
+def entity_problems(entity: str, source: EntitySource, entities: dict[str, EntitySource]) -> list[str]:
+    """What is wrong with the columns one entity's keys name, each as "entities.<entity>.<key path>: what".
+
+    ``columns``, ``defaults``, ``regex_replace``, ``compose`` (its target), ``pii``, ``not_personal`` and
+    ``derive.columns`` name canonical or kept columns; ``types`` only kept ones; ``keep`` only extra ones;
+    ``formats`` only timestamp columns. Compose parts may be source columns, so only ingest can check them.
+    """
+    at = f"entities.{entity}"
+    canonical = CANONICAL_COLUMNS[entity]
+    known: dict[str, str] = {**{c: source.types.get(c, "string") for c in source.keep}, **canonical}
+
+    def unknown(column: str) -> str:
+        return (f"{entity} has no column {column!r} (canonical: {', '.join(canonical)}; kept: "
+                f"{', '.join(source.keep) or 'none'})")
+
+    problems = []
+    for column in source.keep:
+        if column in canonical:
+            problems.append(f"{at}.keep: {column!r} is a canonical column of {entity}; keep is for extra columns")
+        elif column.startswith("_"):
+            problems.append(f"{at}.keep: {column!r}: names starting with '_' are reserved for lineage columns")
+    problems += [f"{at}.types.{column}: types apply to kept columns, and {column!r} is not in keep"
+                 for column in source.types if column not in source.keep]
+    for key in ("columns", "defaults", "regex_replace", "compose"):
+        problems += [f"{at}.{key}.{column}: {unknown(column)}" for column in getattr(source, key)
+                     if column not in known]
+    for key in ("pii", "not_personal"):
+        problems += [f"{at}.{key}: {unknown(column)}" for column in getattr(source, key) if column not in known]
+    problems += [f"{at}.pii: {column!r} is a key joining the entities and cannot be pseudonymised (the joins would "
+                 "break): export a non-personal id" for column in source.pii if column in KEY_COLUMNS]
+    if entity != "order_lines":
+        problems += [f"{at}.{option}: only order_lines have it" for option in ("unit_price_is_line_total",
+                     "cancellation_prefix") if getattr(source, option) not in (None, False)]
+    if source.daily and source.files is None:
+        problems.append(f"{at}.daily: only files can be daily")
+    if both := [column for column in source.not_personal if column in source.pii]:
+        problems.append(f"{at}.not_personal: {', '.join(both)} also listed in pii")
+    for column, fmt in source.formats.items():
+        if column not in known:
+            problems.append(f"{at}.formats.{column}: {unknown(column)}")
+        elif known[column] != "timestamp":
+            problems.append(f"{at}.formats.{column}: {column!r} is typed {known[column]}; formats are for "
+                            "timestamp columns")
+        elif problem := format_problem(fmt):
+            problems.append(f"{at}.formats.{column}: {problem}")
+    if source.derive is not None and (origin := entities.get(source.derive.from_entity)) is not None:
+        readable = set(CANONICAL_COLUMNS[source.derive.from_entity]) | set(origin.keep) | set(LINEAGE_COLUMNS)
+        key = DERIVED_KEYS.get(entity)
+        if key is None:
+            problems.append(f"{at}.derive: only {' and '.join(DERIVED_KEYS)} can be derived (one row per key)")
+        elif key not in readable:
+            problems.append(f"{at}.derive.from: {source.derive.from_entity} has no {key} column to derive {entity} "
+                            "from")
+        for target, spec in source.derive.columns.items():
+            how, column = spec.split(":", 1)
+            if target not in known:
+                problems.append(f"{at}.derive.columns.{target}: {unknown(target)}")
+            elif how != "const" and column not in readable:
+                problems.append(f"{at}.derive.columns.{target}: {source.derive.from_entity} has no column {column!r}")
+    return problems
 
 
 def mapping_fingerprint(mapping: str | Path) -> str:
@@ -267,19 +515,38 @@ def mapping_fingerprint(mapping: str | Path) -> str:
     return hashlib.sha256(resolve_mapping_path(mapping).read_bytes()).hexdigest()[:16]
 
 
-def select_files(landing: Path, source: EntitySource, as_of: date) -> list[Path]:
-    """The files of one entity, sorted; for daily files only those dated on or before ``as_of``."""
+def select_files(landing: Path, source: EntitySource, as_of: date, entity: str = "") -> list[Path]:
+    """The files of one entity, sorted; for daily files only those dated on or before ``as_of``.
+
+    Every file must be inside the landing folder once links are followed (a link out of it is refused), and at
+    least one must match: an empty selection is a ``MissingInputError`` naming the pattern and the folder.
+    """
+    where = f"{entity}: " if entity else ""
     pattern = expand_env(source.files or "")
-    base = Path("/") if Path(pattern).is_absolute() else landing
-    candidates = sorted(p for p in base.glob(pattern.lstrip("/") if base == Path("/") else pattern) if p.is_file())
+    if problem := files_problem(pattern):  # checked at load too, but ${VAR} expands only now
+        raise MappingError(f"{where}files: {problem}")
+    root = landing.resolve()
+    candidates = sorted(p for p in landing.glob(pattern) if p.is_file())
+    for path in candidates:
+        if not path.resolve().is_relative_to(root):
+            raise InputError(f"{where}{path.relative_to(landing)} (matched by files {source.files!r}) is a link to a "
+                             f"file outside the landing folder {landing}; only files inside it are read")
+    if not candidates:
+        hint = (" (the folder does not exist)" if not landing.is_dir()
+                else f" ({pattern!r} is a folder: name its files, e.g. '{pattern.rstrip('/')}/*.csv')"
+                if (landing / pattern).is_dir() else "")
+        raise MissingInputError(f"{where}no file matches files {source.files!r} under {landing}{hint}")
     if not source.daily:
         return candidates
-    selected = []
+    dated = []
     for path in candidates:
         try:
-            file_date = date.fromisoformat(path.name[:10])
-        except ValueError as exc:
-            raise MappingError(f"daily file {path} does not start with a YYYY-MM-DD date") from exc
-        if file_date <= as_of:
-            selected.append(path)
+            dated.append((date.fromisoformat(path.name[:10]), path))
+        except ValueError:
+            raise MappingError(f"{where}daily file {path.relative_to(landing)} does not start with a YYYY-MM-DD "
+                               "date") from None
+    selected = [path for day, path in dated if day <= as_of]
+    if not selected:
+        raise MissingInputError(f"{where}no file of files {source.files!r} under {landing} is dated on or before "
+                                f"{as_of} (the earliest is dated {min(day for day, _ in dated)})")
     return selected

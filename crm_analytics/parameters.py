@@ -30,6 +30,13 @@ class ValidationOptions(BaseModel):
         description="Rows per entity that Great Expectations itself re-validates each run to prove the compiled "
         "checks agree with it (0 turns the cross-check off).",
     )
+    earliest_date: date = Field(
+        date(1990, 1, 1),
+        description="Order timestamps and signup dates before this day (UTC) are quarantined as implausible. The "
+        "default lies after every placeholder date exports use for 'unknown' (0001-01-01, 1753-01-01, 1899-12-30, "
+        "1900-01-01, the 1970-01-01 Unix epoch, even shifted by a time zone) and before any shipped export's data "
+        "(CDNOW starts in 1997); set it earlier for a business whose records really go back further.",
+    )
 
 
 class SegmentOptions(BaseModel):

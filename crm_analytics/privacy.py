@@ -1,4 +1,10 @@
-"""Pseudonymisation of personal columns: a keyed HMAC, so values stay joinable but cannot be read back.
+"""Personal data: which columns are personal, and their pseudonymisation (a keyed HMAC, so values stay
+joinable but cannot be read back).
+
+Personal columns are those a mapping lists in ``pii``, plus ``email``, which is personal by default: a mapping
+that forgets to list it still gets it pseudonymised (``not_personal`` opts out, for an address that is not a
+person's). Ingest samples every other text column and stops the run when one mostly holds e-mail addresses or
+phone numbers (:func:`undeclared_personal_columns`), naming the column, the kind and the share, never a value.
 
 The key comes from ``CRM_PSEUDONYM_KEY``, or a Prefect Secret block named by ``CRM_PSEUDONYM_SECRET_BLOCK``;
 without either, a random key is created once under ``<data_root>/.secrets/`` (mode 0600) so that local runs
@@ -10,12 +16,42 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
+from crm_analytics.errors import PersonalDataError
+
+if TYPE_CHECKING:
+    from crm_analytics.mapping import SourceMapping
+
 PSEUDONYM_SUFFIX = "_pseudonym"
+KEY_COLUMNS = ("order_id", "customer_id", "product_id")  # join the entities: pseudonymising one breaks joins
+ALWAYS_PERSONAL = ("email",)  # personal without being listed in pii (unless listed in not_personal)
+SAMPLE_SIZE = 1_000  # values sampled per text column when looking for undeclared personal data
+PERSONAL_SHARE = 0.5  # a column is flagged when at least this share of its sampled values look personal
+
+EMAIL = re.compile(r"[^@\s<>(),;:\"]+@[^@\s<>(),;:\"]+\.[A-Za-z]{2,}")
+# Phone numbers: digits and the separators phone numbers use (blank, -, ., /, parentheses), 8-15 digits, and a
+# shape ids, SKUs, prices and dates do not have: a leading + (or 00 and a country code), an area code in
+# parentheses, a trunk 0 then a separator, or the North American 3-3-4 groups.
+PHONE_TEXT = re.compile(r"\+?[\d\s\-./()]+")
+PHONE_SHAPES = (
+    re.compile(r"\+.*"),  # +44 20 7946 0958, +4930123456
+    re.compile(r"00[1-9]\d*[\s\-./()].*|00[1-9]\d{9,}"),  # 0044 20 7946 0958, 00442079460958 (12+ digits)
+    re.compile(r"\(\d{2,5}\)\s*[\d\s\-./]+"),  # (030) 1234567, (555) 123-4567
+    re.compile(r"0[1-9]\d*[\s\-./()]\d.*"),  # 030 1234567, 0171-1234567
+    re.compile(r"(?:1[\s\-.])?\d{3}[\s\-.]\d{3}[\s\-.]\d{4}"),  # 555-123-4567, 1 555 123 4567
+)
+NOT_PHONE_SHAPES = (
+    re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}"),  # dates: 2010-12-01, 01.12.2010
+    re.compile(r"\d{1,3}(?:([.,\s])\d{3})(?:\1\d{3})*"),  # grouped numbers: 12.345.678
+    re.compile(r"\d{1,3}(?:\.\d{1,3}){3}"),  # IPv4 addresses
+)
 
 
 def pseudonym_key(data_root: Path) -> bytes:
@@ -46,3 +82,67 @@ def pseudonymise(frame: pd.DataFrame, columns: list[str], key: bytes) -> pd.Data
         digests = {v: hmac.new(key, str(v).encode(), hashlib.sha256).hexdigest()[:32] for v in distinct}
         out[column + PSEUDONYM_SUFFIX] = values.map(digests).astype("string")
     return out
+
+
+def looks_like_email(value: str) -> bool:
+    """An e-mail address shape: local part, @, a domain with a dot and a top-level name."""
+    return EMAIL.fullmatch(value.strip()) is not None
+
+
+def looks_like_phone(value: str) -> bool:
+    """A phone number shape (see ``PHONE_SHAPES``); never a plain number, a SKU, a price or a date."""
+    text = value.strip()
+    if not PHONE_TEXT.fullmatch(text) or any(shape.fullmatch(text) for shape in NOT_PHONE_SHAPES):
+        return False
+    digits = sum(character.isdigit() for character in text)
+    return 8 <= digits <= 15 and any(shape.fullmatch(text) for shape in PHONE_SHAPES)
+
+
+def sample_values(values: pd.Series, size: int = SAMPLE_SIZE) -> list[str]:
+    """Up to ``size`` non-null values spread evenly over the column (not its head: exports are often sorted)."""
+    present = values.dropna()
+    if len(present) > size:
+        present = present.iloc[np.linspace(0, len(present) - 1, size).round().astype(np.int64)]
+    return [str(value) for value in present]
+
+
+def personal_kind(values: list[str]) -> tuple[str, int] | None:
+    """The kind of personal data most of ``values`` look like ("e-mail addresses" or "phone numbers") and how
+    many of them do; ``None`` when neither reaches ``PERSONAL_SHARE``."""
+    if not values:
+        return None
+    counts = {"e-mail addresses": sum(map(looks_like_email, values)),
+              "phone numbers": sum(map(looks_like_phone, values))}
+    kind, count = max(counts.items(), key=lambda item: item[1])
+    return (kind, count) if count >= PERSONAL_SHARE * len(values) else None
+
+
+def undeclared_personal_columns(frame: pd.DataFrame, entity: str, columns: list[str]) -> list[str]:
+    """One message per column of ``columns`` whose sampled values mostly look like e-mail addresses or phone
+    numbers; the message names the column, the kind and the share, never a value."""
+    problems = []
+    for column in columns:
+        if column not in frame.columns:
+            continue
+        sampled = sample_values(frame[column])
+        if found := personal_kind(sampled):
+            kind, count = found
+            fix = (f"it is a key joining the entities, which pii cannot pseudonymise: export a non-personal id, or "
+                   f"add it to entities.{entity}.not_personal to accept it" if column in KEY_COLUMNS else
+                   f"add it to entities.{entity}.pii, or to not_personal if it is not personal data")
+            problems.append(f"{entity}.{column} looks like {kind} ({count:,} of {len(sampled):,} sampled values) but "
+                            f"is not in pii: {fix}")
+    return problems
+
+
+def check_declared_personal_data(frames: dict[str, pd.DataFrame], mapping: SourceMapping) -> None:
+    """Stop with one line per undeclared text column that looks personal, before raw/ feeds any later layer
+    (where an undeclared personal column would be written in plain text)."""
+    problems = []
+    for entity, frame in frames.items():
+        source = mapping.source(entity)
+        declared = {*source.pii, *source.not_personal}
+        text_columns = [c for c, kind in mapping.column_types(entity).items() if kind == "string" and c not in declared]
+        problems += undeclared_personal_columns(frame, entity, text_columns)
+    if problems:
+        raise PersonalDataError("; ".join(problems))

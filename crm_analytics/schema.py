@@ -55,8 +55,9 @@ OPTIONAL_ENTITIES: tuple[str, ...] = ("products", "order_lines", "churn_labels")
 
 # Lineage columns every ingested row carries, so a quarantined row can be traced to its file and line.
 SOURCE_FILE = "_source_file"
-SOURCE_LINE = "_source_line"
+SOURCE_LINE = "_source_line"  # the row's first physical line in its file (a header is line 1)
+SOURCE_LINES = "_source_lines"  # the non-blank physical lines the row covers: 1, more for a multi-line row
 PARSE_ERRORS = "_parse_errors"
-LINEAGE_COLUMNS = (SOURCE_FILE, SOURCE_LINE)
+LINEAGE_COLUMNS = (SOURCE_FILE, SOURCE_LINE, SOURCE_LINES)
 UNCATEGORISED = "uncategorised"  # the category of products derived from order lines that carry none
 QUARANTINE_REASON = "_quarantine_reason"

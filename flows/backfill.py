@@ -33,14 +33,16 @@ from crm_analytics.distributed import (
     prefect_api_for_workers,
     unpartitioned,
 )
+from crm_analytics.errors import PermanentError
 from crm_analytics.parameters import PipelineOptions
-from flows.customer_analytics import completed_key, data_root_of, idempotency_key
+from crm_analytics.user_errors import PREFIX, install_run_log_filter, user_error_line
+from flows.customer_analytics import completed_key, data_root_of, failed_with_one_line, idempotency_key
 
 Step = Literal["day", "week", "month"]
 MAX_CONCURRENCY = MAX_LOCAL_CONCURRENCY
 
 
-class BackfillFailed(RuntimeError):
+class BackfillFailed(PermanentError, RuntimeError):
     """Some dates of a backfill failed; the others completed or were skipped."""
 
 
@@ -92,12 +94,26 @@ def backfill(start: date, end: date, step: Step = "day", concurrency: int = 1, f
         options: the pipeline options used for every date.
         executor: local threads or a Dask cluster; empty fields come from the CRM_EXECUTOR settings.
     """
-    executor = executor.resolved()
-    if executor.kind == "dask":
-        # Child flow runs start on the Dask workers: they report to the API this flow reports to.
-        with prefect_api_for_workers():
-            return _backfill(start, end, step, concurrency, force, options, executor)
-    return _backfill(start, end, step, concurrency, force, options, executor)
+    install_run_log_filter()
+    try:
+        executor = executor.resolved()
+        if executor.kind == "dask":
+            # Child flow runs start on the Dask workers: they report to the API this flow reports to.
+            with prefect_api_for_workers():
+                return _backfill(start, end, step, concurrency, force, options, executor)
+        return _backfill(start, end, step, concurrency, force, options, executor)
+    except Exception as exc:
+        if (failed := failed_with_one_line(exc)) is None:
+            raise
+        return failed  # type: ignore[return-value]  # Prefect ends the run in this state and raises exc
+
+
+def date_failure(exc: BaseException) -> str:
+    """What a failed date's row of the summary says: the user error's line, or a bug's first line."""
+    if line := user_error_line(exc):
+        return line.removeprefix(PREFIX)
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
 
 
 def _backfill(start: date, end: date, step: Step, concurrency: int, force: bool, options: PipelineOptions,
@@ -127,7 +143,7 @@ def _backfill(start: date, end: date, step: Step, concurrency: int, force: bool,
                 summary["ran"].append(as_of.isoformat())
             except Exception as exc:  # noqa: BLE001 - one date's failure must not stop the others
                 summary["failed"].append(as_of.isoformat())
-                errors[as_of.isoformat()] = str(exc).splitlines()[0][:300]
+                errors[as_of.isoformat()] = date_failure(exc)
                 log.error("backfill date %s failed: %s", as_of, errors[as_of.isoformat()])
 
     with runner:

@@ -16,10 +16,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 
 from crm_analytics.artifacts import RunStore, StageResult, code_version, utc_now
+from crm_analytics.mapping import load_mapping
 from crm_analytics.parameters import PipelineOptions, RunSpec
 from crm_analytics.settings import get_settings
+from crm_analytics.user_errors import install_run_log_filter, user_error_line
 from tasks.churn import churn
 from tasks.clean import clean
 from tasks.features import features
@@ -58,6 +61,20 @@ def completed_key(store: RunStore) -> str | None:
     return store.read_manifest().get("idempotency_key")
 
 
+def reconciliation(ingested: dict[str, Any], validated: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per entity: rows in = valid + quarantined, and the source's data lines (counted from the files' bytes, not
+    by the parser) = the lines those rows cover, so a row merged from several lines cannot reconcile silently."""
+    out = {}
+    for entity, m in validated["entities"].items():
+        out[entity] = {k: m[k] for k in ("rows_in", "valid", "quarantined", "lines_in", "lines_quarantined")}
+        data_lines = ingested["entities"].get(entity, {}).get("data_lines")
+        if data_lines is not None and data_lines != m["lines_in"]:
+            raise AssertionError(f"{entity}: {data_lines} data lines in the source, but its rows cover "
+                                 f"{m['lines_in']}")
+        out[entity]["data_lines"] = m["lines_in"] if data_lines is None else data_lines
+    return out
+
+
 def build_manifest(store: RunStore, options: PipelineOptions, started_at: str,
                    results: list[StageResult]) -> dict[str, Any]:
     by_stage = {r.stage: r for r in results}
@@ -70,10 +87,7 @@ def build_manifest(store: RunStore, options: PipelineOptions, started_at: str,
         "code_version": code_version(),
         "parameters": options.model_dump(mode="json"),
         "inputs": by_stage["ingest"].metrics,
-        "reconciliation": {
-            entity: {k: m[k] for k in ("rows_in", "valid", "quarantined")}
-            for entity, m in by_stage["validate"].metrics["entities"].items()
-        },
+        "reconciliation": reconciliation(by_stage["ingest"].metrics, by_stage["validate"].metrics),
         "stages": {r.stage: r.metrics for r in results},
         "artifacts": {
             f"{ref.stage}/{name}": {
@@ -85,6 +99,17 @@ def build_manifest(store: RunStore, options: PipelineOptions, started_at: str,
     }
 
 
+def failed_with_one_line(exc: Exception) -> State | None:
+    """The Failed state a flow returns for a user error: its message is the ``error:`` line the CLI prints, so a
+    run started from the UI shows the same line; ``None`` for a bug, which is re-raised with its traceback."""
+    line = user_error_line(exc)
+    if line is None:
+        return None
+    get_run_logger().error(line)
+    # The exception rides along as the state's data: a caller of the flow (the CLI, a backfill) gets it raised.
+    return Failed(message=line, data=exc)
+
+
 @flow(name="customer-analytics", flow_run_name=_run_name, log_prints=True)
 def customer_analytics(as_of: date | None = None, options: PipelineOptions = PipelineOptions()) -> str:
     """Run every stage for one as-of date and return the run folder.
@@ -93,7 +118,18 @@ def customer_analytics(as_of: date | None = None, options: PipelineOptions = Pip
         as_of: the business date to process; empty means the day before the scheduled start.
         options: mapping, data root, seed and per-stage settings.
     """
-    as_of = as_of or default_as_of()
+    install_run_log_filter()
+    try:
+        return run_stages(as_of or default_as_of(), options)
+    except Exception as exc:
+        if (failed := failed_with_one_line(exc)) is None:
+            raise
+        return failed  # type: ignore[return-value]  # Prefect ends the run in this state and raises exc
+
+
+def run_stages(as_of: date, options: PipelineOptions) -> str:
+    """The stages of one as-of date in order, under the date's lock; the manifest is written last."""
+    load_mapping(options.mapping)  # a wrong mapping stops here, before a complete run of the date is withdrawn
     run = RunSpec(data_root=data_root_of(options), as_of=as_of)
     store = run.store
     with store.lock(on_wait=get_run_logger().warning):

@@ -59,7 +59,7 @@ from sklearn.tree import DecisionTreeClassifier
 from sklearn.utils.class_weight import compute_sample_weight
 from threadpoolctl import threadpool_limits
 
-from crm_analytics.artifacts import RunStore, StageResult, code_version
+from crm_analytics.artifacts import RunStore, StageResult, code_version, dump_skops
 from crm_analytics.parameters import ChurnOptions, RunSpec, as_of_end
 from crm_analytics.reporting import markdown_table, save_figures
 from tasks.common import previous_run_state, stage_logger, stage_task
@@ -686,7 +686,8 @@ TRUSTED_TYPES: tuple[str, ...] = (
 
 
 def dump_model(model: Any, path: Any) -> None:
-    sio.dump(model, path)
+    """Save a model with skops; identical models give identical bytes (a rerun's artifacts are identical)."""
+    dump_skops(model, path)
 
 
 def load_model(path: Any) -> Any:

@@ -27,18 +27,15 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 from sqlalchemy.exc import TimeoutError as DatabasePoolTimeout
 
-
-class PermanentError(Exception):
-    """A failure that a retry cannot fix (bad mapping, missing column, data-quality gate)."""
-
-
-class SourceSchemaError(PermanentError):
-    """An input file lacks a column the mapping needs, or cannot be parsed as configured."""
-
-
-class DataQualityError(PermanentError):
-    """Too many rows of an entity failed validation: the run stops before any model is retrained."""
-
+# The permanent error classes live at the bottom of the package (the mapping raises them too); re-exported here.
+from crm_analytics.errors import (  # noqa: F401
+    DataQualityError,
+    InputError,
+    MappingError,
+    MissingInputError,
+    PermanentError,
+    SourceSchemaError,
+)
 
 # Errors worth retrying: a flaky network share or a dropped database connection.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (

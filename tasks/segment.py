@@ -32,7 +32,6 @@ from typing import Any, NamedTuple
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import skops.io as sio
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
@@ -45,7 +44,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from threadpoolctl import threadpool_limits
 
-from crm_analytics.artifacts import RunStore, StageResult, file_sha256
+from crm_analytics.artifacts import RunStore, StageResult, dump_skops, file_sha256
 from crm_analytics.parameters import RunSpec, SegmentOptions
 from crm_analytics.reporting import markdown_table, save_figures
 from tasks.common import stage_logger, stage_task
@@ -673,7 +672,7 @@ def segment(run: RunSpec, featured: StageResult, options: SegmentOptions, seed: 
         "identity": store.write_json("segments", "identity", identity),
     }
     if out.model is not None:
-        artifacts["model"] = store.write_with("segments", "model.skops", "model", lambda p: sio.dump(out.model, p))
+        artifacts["model"] = store.write_with("segments", "model.skops", "model", lambda p: dump_skops(out.model, p))
     if not out.assignments.empty:
         artifacts.update(save_figures(store, "segments", lambda: segment_figures(out)))
     chosen = out.silhouette.loc[out.silhouette["chosen"].astype(bool)]

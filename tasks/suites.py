@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +37,7 @@ SMALL_VALUE_SET = 1_000  # value sets up to this size go to GX as written
 # GX's cost is per expectation and per value-set entry far more than per row: 5,000 sampled rows re-check
 # every compiled expectation for a few seconds, whatever the size of the frame.
 CROSS_CHECK_ROWS = 5_000
+PLACEHOLDER = re.compile(r"\{(\w+)\}")  # "{earliest_date}" in a reason: that parameter's value
 
 
 class SuiteError(PermanentError):
@@ -49,9 +52,26 @@ def load_suite(entity: str, expectations_dir: Path | None = None) -> dict[str, A
     return json.loads(path.read_text())
 
 
-def reason_of(expectation: dict[str, Any]) -> str:
+def _shown(value: Any) -> str:
+    """A parameter as a reason shows it: a midnight timestamp or a date as YYYY-MM-DD, anything else as text."""
+    if isinstance(value, pd.Timestamp) and value == value.normalize():
+        return value.date().isoformat()
+    return value.isoformat() if isinstance(value, date) else str(value)
+
+
+def reason_of(expectation: dict[str, Any], parameters: dict[str, Any] | None = None) -> str:
+    """The expectation's ``meta.reason``, with ``{name}`` replaced by the run's scalar parameter ``name`` (e.g.
+    "order_ts is before {earliest_date}"): one text per run, so reasons still group rows."""
     meta = expectation.get("meta") or {}
-    return meta.get("reason") or f"{expectation['type']}({expectation['kwargs'].get('column', '')})"
+    reason = meta.get("reason") or f"{expectation['type']}({expectation['kwargs'].get('column', '')})"
+    if not parameters or "{" not in reason:
+        return reason
+
+    def fill(match: re.Match) -> str:
+        value = parameters.get(match[1])
+        return _shown(value) if isinstance(value, str | int | float | date) else match[0]
+
+    return PLACEHOLDER.sub(fill, reason)
 
 
 def resolve(kwargs: dict[str, Any], parameters: dict[str, Any], suite_name: str, kind: str) -> dict[str, Any]:
@@ -187,7 +207,7 @@ def run_compiled(frame: pd.DataFrame, suite: dict[str, Any], expectations: list[
             raise SuiteError(f"suite {suite['name']!r}: {expectation['type']} on {kwargs.get('column')!r} could "
                              f"not run: {exc}") from exc
         if unexpected.any():
-            failures.setdefault(reason_of(expectation), []).extend(frame.index[unexpected].tolist())
+            failures.setdefault(reason_of(expectation, parameters), []).extend(frame.index[unexpected].tolist())
     return failures
 
 
@@ -238,7 +258,7 @@ def run_gx(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any
             raise SuiteError(f"suite {suite['name']!r}: {config.type} on {config.kwargs.get('column')!r} "
                              f"could not run: {error}")
         if not result.success:
-            reason = reason_of({"type": config.type, "kwargs": config.kwargs, "meta": config.meta})
+            reason = reason_of({"type": config.type, "kwargs": config.kwargs, "meta": config.meta}, parameters)
             failures.setdefault(reason, []).extend(result.result.get("unexpected_index_list") or [])
     return failures
 

@@ -2,7 +2,12 @@
 
 The suites in ``expectations/`` are the single source of truth for what a valid row is. Every ingested row
 ends up in exactly one of ``validated/<entity>.parquet`` or ``quarantine/<entity>.parquet`` (with the
-reasons it failed and its source file and line), so ``rows in = valid + quarantined`` always holds.
+reasons it failed, each with the offending value unless the column is personal, and its source file and line),
+so ``rows in = valid + quarantined`` always holds.
+
+Order lines and labels are checked against the customers and products validated before them. A key that no
+row lists is unknown; a key whose row was quarantined takes the referring rows with it (the cascade), and the
+metrics, the report and the gate's message say how many rows each upstream cause took.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import Counter
+from collections.abc import Collection
 from datetime import date
 from typing import Any, NamedTuple
 
@@ -17,35 +23,76 @@ import numpy as np
 import pandas as pd
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.mapping import load_mapping, mapping_fingerprint
+from crm_analytics.mapping import SourceMapping, load_mapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec, ValidationOptions, as_of_end
-from crm_analytics.privacy import pseudonym_key, pseudonymise
+from crm_analytics.privacy import ALWAYS_PERSONAL, pseudonym_key, pseudonymise
 from crm_analytics.reporting import markdown_table
-from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON
-from tasks.common import DataQualityError, stage_logger, stage_task
-from tasks.suites import CROSS_CHECK_ROWS, Engine, evaluate_suite, load_suite
+from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON, SOURCE_FILE, SOURCE_LINE, SOURCE_LINES
+from tasks.common import DataQualityError, PermanentError, stage_logger, stage_task
+from tasks.suites import CROSS_CHECK_ROWS, Engine, evaluate_suite, load_suite, reason_of
 
-__all__ = ["check_quarantine_rate", "load_suite", "suite_parameters", "validate", "validate_entity"]
+__all__ = ["ValidationOutcome", "cascade_summary", "check_gates", "check_quarantine_rate", "gate_failure",
+           "load_suite", "origin_rows_passing", "publishable_outcomes", "suite_parameters", "validate", "validate_all",
+           "validate_entity", "validation_metrics"]
 
 UNIQUENESS_EXPECTATIONS = {"expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique"}
+# Expectations whose failing rows are reported with their value: the value is what is wrong with them. Null
+# checks have no value to show, and a uniqueness failure is about other rows too.
+VALUE_EXPECTATIONS = {"expect_column_values_to_be_between", "expect_column_values_to_be_in_set",
+                      "expect_column_values_to_not_be_in_set", "expect_column_values_to_match_regex"}
+SHOWN_CHARACTERS = 40
+REFERENCES, CASCADE = "references", "cascade"  # expectation meta: checks a key of that entity; fails its quarantine
+ENTITY_KEYS = {"customers": "customer_id", "products": "product_id"}
+ROW_NOUNS = {"order_lines": "lines", "churn_labels": "labels"}
 
 
 class ValidationOutcome(NamedTuple):
     valid: pd.DataFrame
     quarantine: pd.DataFrame
-    reason_counts: dict[str, int]
+    reason_counts: dict[str, int]  # by the suite's reason, without values: rows that failed it
     evaluation: dict[str, Any]
+    # Per reason, which quarantined rows (positions in ``quarantine``) failed it.
+    reason_rows: dict[str, np.ndarray] | None = None
+    cascade: dict[str, Any] | None = None  # see cascade_summary; None for an entity that refers to none
 
 
 # ---- pure core ------------------------------------------------------------------------------------------
-def suite_parameters(as_of: date, **extra: Any) -> dict[str, Any]:
-    """Values for the ``$PARAMETER`` placeholders in the suites."""
-    return {"as_of_end": as_of_end(as_of), "as_of_year": as_of.year, **extra}
+def suite_parameters(as_of: date, earliest_date: date | None = None, **extra: Any) -> dict[str, Any]:
+    """Values for the ``$PARAMETER`` placeholders in the suites (no key is quarantined upstream unless given)."""
+    earliest = earliest_date or ValidationOptions.model_fields["earliest_date"].default
+    if earliest > as_of:
+        raise PermanentError(f"validation.earliest_date {earliest} is after the as-of date {as_of}: every dated row "
+                             "would be quarantined; choose a later as-of date or an earlier validation.earliest_date")
+    return {"as_of_end": as_of_end(as_of), "as_of_year": as_of.year,
+            "earliest_date": pd.Timestamp(earliest, tz="UTC"),
+            "quarantined_customer_ids": [], "quarantined_product_ids": [], **extra}
 
 
-def validate_entity(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any],
-                    engine: Engine = "compiled", cross_check_rows: int = CROSS_CHECK_ROWS) -> ValidationOutcome:
-    """Split ``frame`` into valid rows and quarantined rows (with ``_quarantine_reason``).
+def shown_value(value: Any) -> str:
+    """A failing value as a reason shows it: text quoted and cut short, numbers and times as written."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= SHOWN_CHARACTERS else value[:SHOWN_CHARACTERS] + "...")
+    if isinstance(value, float | np.floating):
+        return repr(float(value))
+    return str(value)
+
+
+def _value_columns(suite: dict[str, Any], parameters: dict[str, Any], personal: Collection[str]) -> dict[str, str]:
+    """Reason -> the column whose value its rows show (one column per reason; personal columns never)."""
+    columns: dict[str, set[str | None]] = {}
+    for expectation in suite["expectations"]:
+        column = expectation["kwargs"].get("column")
+        if expectation["type"] not in VALUE_EXPECTATIONS and column != PARSE_ERRORS:
+            column = None
+        columns.setdefault(reason_of(expectation, parameters), set()).add(column)
+    hidden = {*personal, *ALWAYS_PERSONAL}  # e-mail addresses are never shown, even where not declared personal
+    return {reason: next(iter(c)) for reason, c in columns.items()
+            if len(c) == 1 and None not in c and next(iter(c)) not in hidden}
+
+
+def row_failures(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any], engine: Engine = "compiled",
+                 cross_check_rows: int = CROSS_CHECK_ROWS) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Per reason, the boolean mask of the rows of ``frame`` (positions) failing it, and how it was evaluated.
 
     Uniqueness is judged on distinct rows: an exact duplicate is not a conflicting key (the clean stage
     drops it and counts it); it gets the verdict of its first copy.
@@ -62,33 +109,249 @@ def validate_entity(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict
         representative = frame.index.to_numpy()
         checked = frame
     failures, evaluation = evaluate_suite(checked, suite, parameters, engine, cross_check_rows)
-    # Labels are positions after reset_index; every row takes the verdict of its representative copy.
-    reason_text = np.full(len(frame), "", dtype=object)
-    counts: Counter[str] = Counter()
-    for reason, labels in failures.items():
+    masks = {}
+    for reason, labels in failures.items():  # labels are positions after reset_index
         hit = np.zeros(len(frame), dtype=bool)
         hit[np.asarray(labels, dtype=np.int64)] = True
-        hit = hit[representative]
-        counts[reason] += int(hit.sum())
+        masks[reason] = hit[representative]  # every row takes the verdict of its representative copy
+    return masks, evaluation
+
+
+def validate_entity(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any],
+                    engine: Engine = "compiled", cross_check_rows: int = CROSS_CHECK_ROWS,
+                    personal: Collection[str] = ()) -> ValidationOutcome:
+    """Split ``frame`` into valid rows and quarantined rows (with ``_quarantine_reason``).
+
+    A reason about a value carries it, e.g. "order_ts is before 1990-01-01 (value 1850-03-01 00:00:00+00:00)",
+    except for the ``personal`` columns and ``email``; ``reason_counts`` counts rows by the reason alone.
+    """
+    frame = frame.reset_index(drop=True)
+    masks, evaluation = row_failures(frame, suite, parameters, engine, cross_check_rows)
+    shown = _value_columns(suite, parameters, personal)
+    reason_text = np.full(len(frame), "", dtype=object)
+    for reason, hit in masks.items():
+        text: Any = reason
+        if reason in shown and shown[reason] == PARSE_ERRORS:  # ingest wrote it, personal values redacted
+            text = (reason + ": " + frame[PARSE_ERRORS][hit].astype(object)).to_numpy()
+        elif reason in shown:
+            text = (reason + " (value " + frame[shown[reason]][hit].map(shown_value).astype(object) + ")").to_numpy()
         previous = reason_text[hit]
-        reason_text[hit] = np.where(previous == "", reason, previous + "; " + reason)
+        reason_text[hit] = np.where(previous == "", text, previous + "; " + text)
     failed = reason_text != ""
     quarantine = frame[failed].assign(**{QUARANTINE_REASON: pd.array(reason_text[failed], dtype="string")})
     valid = frame[~failed].drop(columns=[PARSE_ERRORS], errors="ignore").reset_index(drop=True)
-    return ValidationOutcome(valid, quarantine.reset_index(drop=True), dict(counts.most_common()), evaluation)
+    counts = Counter({reason: int(hit.sum()) for reason, hit in masks.items()})
+    return ValidationOutcome(valid, quarantine.reset_index(drop=True), dict(counts.most_common()), evaluation,
+                             {reason: hit[failed] for reason, hit in masks.items()})
+
+
+def referential_parameters(outcomes: dict[str, ValidationOutcome]) -> dict[str, list]:
+    """The keys order lines and labels are checked against: every key the customers (products) list, and those
+    whose rows were all quarantined there."""
+    parameters = {}
+    for entity, key in ENTITY_KEYS.items():
+        singular = entity[:-1]
+        outcome = outcomes.get(entity)
+        if outcome is None:
+            parameters[f"known_{singular}_ids"], parameters[f"quarantined_{singular}_ids"] = [], []
+            continue
+        valid = pd.Index(outcome.valid[key].dropna().unique())
+        quarantined = pd.Index(outcome.quarantine[key].dropna().unique()).difference(valid)
+        parameters[f"known_{singular}_ids"] = valid.append(quarantined).tolist()
+        parameters[f"quarantined_{singular}_ids"] = quarantined.tolist()
+    return parameters
+
+
+def cascade_summary(outcome: ValidationOutcome, suite: dict[str, Any], upstream: dict[str, ValidationOutcome],
+                    parameters: dict[str, Any]) -> dict[str, Any]:
+    """How many quarantined rows each upstream entity's quarantine took, and what else quarantined rows.
+
+    ``{"customers": {"rows": 76, "keys": 4, "reasons": {"birth_year is implausible": 3, ...}}, ...,
+    "other": {"rows": 4, "reasons": {...}}}``: a row counts for an upstream entity when its key's row is
+    quarantined there and it fails none of its own checks (it would be valid otherwise); ``keys`` is how many
+    distinct upstream rows took them, ``reasons`` how many of those keys were quarantined for each reason (a
+    key with two reasons counts in both). ``other`` is every other quarantined row, by its reasons. Empty when
+    no upstream quarantine took any row.
+    """
+    rows = outcome.reason_rows or {}
+    cascades = {reason_of(e, parameters): (e["meta"][REFERENCES], e["kwargs"]["column"])
+                for e in suite["expectations"] if (e.get("meta") or {}).get(CASCADE)}
+    quarantined = len(outcome.quarantine)
+    own = np.zeros(quarantined, dtype=bool)
+    for reason, hit in rows.items():
+        if reason not in cascades:
+            own |= hit
+    summary: dict[str, Any] = {}
+    cascaded = np.zeros(quarantined, dtype=bool)
+    for reason, (entity, column) in cascades.items():
+        taken = rows.get(reason, np.zeros(quarantined, dtype=bool)) & ~own
+        if not taken.any():
+            continue
+        cascaded |= taken
+        keys = pd.Index(outcome.quarantine[column][taken].dropna().unique())
+        source = upstream[entity]
+        source_keys = source.quarantine[ENTITY_KEYS[entity]]
+        causes = Counter({r: int(keys.isin(source_keys[hit].dropna().unique()).sum())
+                          for r, hit in (source.reason_rows or {}).items()})
+        summary[entity] = {"rows": int(taken.sum()), "keys": len(keys),
+                           "reasons": {r: n for r, n in causes.most_common() if n}}
+    if not summary:
+        return summary  # nothing cascaded: the reason counts say it all
+    other = Counter({reason: int((hit & ~cascaded).sum()) for reason, hit in rows.items()})
+    summary["other"] = {"rows": int((~cascaded).sum()), "reasons": {r: n for r, n in other.most_common() if n}}
+    return summary
+
+
+def validate_all(frames: dict[str, pd.DataFrame], mapping: SourceMapping, as_of: date,
+                 options: ValidationOptions) -> dict[str, ValidationOutcome]:
+    """Validate customers and products first, then order lines and labels against their keys; no IO.
+
+    ``rows in = valid + quarantined`` holds per entity (an AssertionError otherwise).
+    """
+    base = suite_parameters(as_of, options.earliest_date)
+    # A column personal in one entity is personal in all: customer_id declared pii in customers (ids that are
+    # e-mail addresses) must not show in the reasons of the order lines that refer to it.
+    personal = sorted({column for entity in frames for column in mapping.source(entity).pii})
+    outcomes: dict[str, ValidationOutcome] = {}
+    for entity in [e for e in ENTITIES if e in frames]:
+        frame, suite = frames[entity], load_suite(entity)
+        refers = any(REFERENCES in (e.get("meta") or {}) for e in suite["expectations"])
+        parameters = {**base, **referential_parameters(outcomes)} if refers else base
+        outcome = validate_entity(frame, suite, parameters, options.engine, options.cross_check_rows,
+                                  personal=personal)
+        if refers:
+            outcome = outcome._replace(cascade=cascade_summary(outcome, suite, outcomes, parameters))
+        if len(frame) != len(outcome.valid) + len(outcome.quarantine):
+            raise AssertionError(f"{entity}: {len(frame)} rows in but {len(outcome.valid)} valid + "
+                                 f"{len(outcome.quarantine)} quarantined")
+        outcomes[entity] = outcome
+    return outcomes
+
+
+def origin_rows_passing(frame: pd.DataFrame, entity: str, as_of: date,
+                        earliest_date: date | None = None) -> np.ndarray:
+    """Rows of ``entity`` that pass its suite's own checks (not those against other entities): the rows an
+    entity derived from it may be built from. Compiled engine, no GX cross-check (validation does that later)."""
+    suite = load_suite(entity)
+    own = [e for e in suite["expectations"] if REFERENCES not in (e.get("meta") or {})]
+    masks, _ = row_failures(frame, {**suite, "expectations": own}, suite_parameters(as_of, earliest_date),
+                            cross_check_rows=0)
+    failed = np.zeros(len(frame), dtype=bool)
+    for hit in masks.values():
+        failed |= hit
+    return ~failed
+
+
+def publishable_outcomes(outcomes: dict[str, ValidationOutcome], mapping: SourceMapping,
+                         key: bytes) -> dict[str, ValidationOutcome]:
+    """The outcomes as written: each entity's personal columns replaced by their keyed pseudonyms."""
+    return {entity: outcome._replace(valid=pseudonymise(outcome.valid, mapping.source(entity).pii, key),
+                                     quarantine=pseudonymise(outcome.quarantine, mapping.source(entity).pii, key))
+            for entity, outcome in outcomes.items()}
+
+
+def validation_metrics(outcomes: dict[str, ValidationOutcome], mapping: SourceMapping,
+                       options: ValidationOptions) -> dict[str, dict[str, Any]]:
+    """Per entity: rows in, valid, quarantined, rate, allowed rate, reasons, the cascade and the evaluation."""
+    metrics = {}
+    for entity, outcome in outcomes.items():
+        valid, quarantined = len(outcome.valid), len(outcome.quarantine)
+        rows_in = valid + quarantined
+        lines_in = lines_covered(outcome.valid, outcome.quarantine)
+        lines_quarantined = lines_covered(outcome.quarantine)
+        metrics[entity] = {
+            "rows_in": rows_in,
+            "valid": valid,
+            "quarantined": quarantined,
+            "lines_in": lines_in,
+            "lines_quarantined": lines_quarantined,
+            # The gate judges lines as well as rows: one row merged from many lines (an unbalanced quote running
+            # to the end of the file) is one quarantined row but most of the file.
+            "quarantine_rate": round(max(quarantined / rows_in if rows_in else 0.0,
+                                         lines_quarantined / lines_in if lines_in else 0.0), 6),
+            "max_quarantine_rate": mapping.quality.max_quarantine_rate.get(entity, options.max_quarantine_rate),
+            "reasons": outcome.reason_counts,
+            **({"cascade": outcome.cascade} if outcome.cascade is not None else {}),
+            "evaluation": outcome.evaluation,
+        }
+    return metrics
+
+
+def lines_covered(*frames: pd.DataFrame) -> int:
+    """Physical source lines the rows of ``frames`` cover, each line once (a basket's items share its line);
+    rows without line lineage (SQL, derived) count one each."""
+    rows = pd.concat(list(frames), ignore_index=True) if len(frames) > 1 else frames[0]
+    if SOURCE_LINES not in rows.columns:
+        return len(rows)
+    return int(rows.drop_duplicates([SOURCE_FILE, SOURCE_LINE])[SOURCE_LINES].sum())
+
+
+def _counted(counts: dict[str, int], top: int = 3) -> str:
+    return ", ".join(f"{reason} ({count:,})" for reason, count in list(counts.items())[:top])
+
+
+def cascade_causes(entity: str, cascade: dict[str, Any] | None) -> list[str]:
+    """One phrase per upstream cause, e.g. "76 lines of 4 customers quarantined for birth_year is implausible (3)"."""
+    noun = ROW_NOUNS.get(entity, "rows")
+    phrases = []
+    for upstream, taken in (cascade or {}).items():
+        if upstream == "other":
+            continue
+        keys = f"{taken['keys']:,} {upstream if taken['keys'] != 1 else upstream[:-1]}"
+        phrases.append(f"{taken['rows']:,} {noun} of {keys} quarantined for {_counted(taken['reasons'])}")
+    return phrases
+
+
+def gate_failure(entity: str, rows_in: int, quarantined: int, reason_counts: dict[str, int], max_rate: float,
+                 cascade: dict[str, Any] | None = None, lines: tuple[int, int] | None = None) -> str | None:
+    """What the gate says of one entity over ``max_rate`` (its rate, then the rows each quarantined upstream key
+    took — ``cascade``, see :func:`cascade_summary` — and the top reasons); ``None`` within the limit.
+    ``lines`` (lines in, lines quarantined) is judged too, and named when its rate is the higher one."""
+    rate = quarantined / rows_in if rows_in else 0.0
+    unit = "rows"
+    if lines is not None and lines[0] and lines[1] / lines[0] > rate:
+        (rows_in, quarantined), rate, unit = lines, lines[1] / lines[0], "lines"
+    if rate <= max_rate:
+        return None
+    head = f"{entity} quarantined {quarantined:,} of {rows_in:,} {unit} ({rate:.1%} > {max_rate:.1%} allowed)"
+    causes = []
+    for upstream, taken in (cascade or {}).items():
+        if upstream != "other":
+            singular = upstream[:-1]
+            keys = f"{taken['keys']:,} {upstream if taken['keys'] != 1 else singular}"
+            causes.append(f"{taken['rows']:,} because their {singular} is quarantined ({keys}: "
+                          f"{_counted(taken['reasons'])})")
+    if causes:
+        other = cascade["other"]
+        if other["rows"]:
+            causes.append(f"{other['rows']:,} other: {_counted(other['reasons'])}")
+        return f"{head}: " + ", ".join(causes)
+    return f"{head}; top reasons: {_counted(reason_counts)}"
+
+
+def _gate_error(failures: list[tuple[str, str]]) -> DataQualityError:
+    entities = " and ".join(f"quarantine/{entity}.parquet" for entity, _ in failures)
+    return DataQualityError("data-quality gate: " + "; ".join(text for _, text in failures)
+                            + f". No model was retrained; see {entities}")
 
 
 def check_quarantine_rate(entity: str, rows_in: int, quarantined: int, reason_counts: dict[str, int],
-                          max_rate: float) -> float:
-    """Raise :class:`DataQualityError` naming the entity, its rate and top reasons when over ``max_rate``."""
-    rate = quarantined / rows_in if rows_in else 0.0
-    if rate > max_rate:
-        top = ", ".join(f"{reason} ({count})" for reason, count in list(reason_counts.items())[:3])
-        raise DataQualityError(
-            f"data-quality gate: {entity} quarantined {quarantined} of {rows_in} rows ({rate:.1%} > "
-            f"{max_rate:.1%} allowed); top reasons: {top}. No model was retrained; see quarantine/{entity}.parquet"
-        )
-    return rate
+                          max_rate: float, cascade: dict[str, Any] | None = None) -> float:
+    """Raise :class:`DataQualityError` naming the entity, its rate and its causes when over ``max_rate``."""
+    if (text := gate_failure(entity, rows_in, quarantined, reason_counts, max_rate, cascade)) is not None:
+        raise _gate_error([(entity, text)])
+    return quarantined / rows_in if rows_in else 0.0
+
+
+def check_gates(outcomes: dict[str, ValidationOutcome], mapping: SourceMapping, options: ValidationOptions) -> None:
+    """The data-quality gate: every entity over its allowed rate is named in one line, so a cascade from
+    quarantined customers is told together with the customers' own reasons."""
+    failures = [(entity, text) for entity, m in validation_metrics(outcomes, mapping, options).items()
+                if (text := gate_failure(entity, m["rows_in"], m["quarantined"], m["reasons"],
+                                         m["max_quarantine_rate"], m.get("cascade"),
+                                         (m["lines_in"], m["lines_quarantined"]))) is not None]
+    if failures:
+        raise _gate_error(failures)
 
 
 def quality_section(metrics: dict[str, dict[str, Any]]) -> str:
@@ -98,7 +361,13 @@ def quality_section(metrics: dict[str, dict[str, Any]]) -> str:
          "top reasons": "; ".join(f"{r} ({n})" for r, n in list(m["reasons"].items())[:3]) or "-"}
         for entity, m in metrics.items()
     ])
-    return "## Data quality\n\n" + markdown_table(rows)
+    section = "## Data quality\n\n" + markdown_table(rows)
+    cascades = [f"- {entity}: " + "; ".join(phrases) + " (rows that fail none of their own checks)"
+                for entity, m in metrics.items() if (phrases := cascade_causes(entity, m.get("cascade")))]
+    if cascades:
+        section += ("\n\nQuarantined because the customer or product they refer to is quarantined:\n\n"
+                    + "\n".join(cascades))
+    return section
 
 
 # ---- IO edge ------------------------------------------------------------------------------------------------
@@ -110,7 +379,7 @@ def _validate_fingerprint(run: RunSpec, mapping_name: str, **_: Any) -> str:
 
 @stage_task("validate", fingerprint_extra=_validate_fingerprint)
 def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, mapping_name: str) -> StageResult:
-    """Validate customers and products first, then order lines and labels against the valid ids.
+    """Validate every ingested entity (:func:`validate_all`), write the rows pseudonymised, then apply the gate.
 
     Personal columns are pseudonymised in everything this stage writes (validated and quarantined rows);
     the raw values stay in ``raw/`` only.
@@ -118,37 +387,14 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
     log = stage_logger()
     store = run.store
     mapping = load_mapping(mapping_name)
-    key = pseudonym_key(run.data_root)
-    artifacts, metrics, valid_ids = {}, {}, {}
-    for entity in [e for e in ENTITIES if e in ingested.artifacts]:
-        frame = store.read_frame(ingested.ref(entity))
-        extra = {}
-        if entity in ("order_lines", "churn_labels"):
-            extra = {"known_customer_ids": valid_ids["customers"], "known_product_ids": valid_ids["products"]}
-        outcome = validate_entity(frame, load_suite(entity), suite_parameters(run.as_of, **extra),
-                                  options.engine, options.cross_check_rows)
-        key_column = {"customers": "customer_id", "products": "product_id"}.get(entity)
-        if key_column:
-            valid_ids[entity] = outcome.valid[key_column].dropna().unique().tolist()
-        pii = mapping.source(entity).pii
-        artifacts[entity] = store.write_frame("validated", entity, pseudonymise(outcome.valid, pii, key))
-        artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity,
-                                                              pseudonymise(outcome.quarantine, pii, key))
-        rows_in, quarantined = len(frame), len(outcome.quarantine)
-        if rows_in != len(outcome.valid) + quarantined:
-            raise AssertionError(f"{entity}: {rows_in} rows in but {len(outcome.valid)} valid + {quarantined} "
-                                 "quarantined")
-        metrics[entity] = {
-            "rows_in": rows_in,
-            "valid": len(outcome.valid),
-            "quarantined": quarantined,
-            "quarantine_rate": round(quarantined / rows_in, 6) if rows_in else 0.0,
-            "max_quarantine_rate": mapping.quality.max_quarantine_rate.get(entity, options.max_quarantine_rate),
-            "reasons": outcome.reason_counts,
-            "evaluation": outcome.evaluation,
-        }
-        log.info("validated %s: %d valid, %d quarantined", entity, len(outcome.valid), quarantined)
-    for entity, m in metrics.items():
-        check_quarantine_rate(entity, m["rows_in"], m["quarantined"], m["reasons"], m["max_quarantine_rate"])
+    frames = {entity: store.read_frame(ingested.ref(entity)) for entity in ENTITIES if entity in ingested.artifacts}
+    outcomes = validate_all(frames, mapping, run.as_of, options)
+    artifacts = {}
+    for entity, outcome in publishable_outcomes(outcomes, mapping, pseudonym_key(run.data_root)).items():
+        artifacts[entity] = store.write_frame("validated", entity, outcome.valid)
+        artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity, outcome.quarantine)
+        log.info("validated %s: %d valid, %d quarantined", entity, len(outcome.valid), len(outcome.quarantine))
+    metrics = validation_metrics(outcomes, mapping, options)
+    check_gates(outcomes, mapping, options)
     return StageResult(stage="validate", artifacts=artifacts, metrics={"entities": metrics},
                        report_section=quality_section(metrics))

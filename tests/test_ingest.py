@@ -40,7 +40,8 @@ EDGE_NUMBERS = ["3", "3.0", " 7 ", "3.5", "two", None, "", "nan", "NaN", "inf", 
 
 def _pandas_numbers(values: list) -> pd.Series:
     text = pd.Series(values, dtype="string").str.strip().replace("", pd.NA)
-    return pd.to_numeric(text, errors="coerce").astype("float64")
+    number = pd.to_numeric(text, errors="coerce").astype("float64")
+    return number.where(np.isfinite(number))  # "inf", "nan" and overflow are parse errors (issue 15)
 
 
 def test_number_parsing_equals_pandas_to_numeric_on_edge_cases_and_random_values():

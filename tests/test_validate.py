@@ -39,11 +39,12 @@ def test_each_bad_order_line_is_quarantined_with_its_reason():
     assert outcome.valid["order_id"].tolist() == ["o1", "o2"]
     reasons = dict(zip(outcome.quarantine["order_id"], outcome.quarantine[QUARANTINE_REASON], strict=True))
     assert reasons["o3"] == "customer_id is missing"
-    assert reasons["o4"] == "customer_id is not a known, valid customer"
-    assert reasons["o5"] == "order_ts is after the as-of date"
-    assert reasons["o6"] == "unit_price is negative or implausible"
-    assert set(reasons["o7"].split("; ")) == {"a value does not parse as its declared type", "order_ts is missing"}
-    assert reasons["o8"] == "product_id is not a known, valid product"
+    assert reasons["o4"] == "customer_id is not in customers (value 'c9')"
+    assert reasons["o5"] == "order_ts is after the as-of date (value 2025-02-01 00:00:00+00:00)"
+    assert reasons["o6"] == "unit_price is negative or implausible (value -3.0)"
+    assert set(reasons["o7"].split("; ")) == {"a value does not parse as its declared type: order_ts='31/02/2025'",
+                                              "order_ts is missing"}
+    assert reasons["o8"] == "product_id is not in products (value 'p7')"
     assert outcome.quarantine["_source_line"].tolist() == [4, 5, 6, 7, 8, 9]
     assert len(outcome.valid) + len(outcome.quarantine) == len(lines)
 
@@ -92,4 +93,4 @@ def test_values_outside_an_allowed_set_are_quarantined():
                             ("c3", "2024-01-01", 1980, None)])
     outcome = validate_entity(customers, load_suite("customers"), suite_parameters(date(2025, 1, 31)))
     assert outcome.valid["customer_id"].tolist() == ["c1", "c3"]  # a missing optional value is not an error
-    assert outcome.quarantine[QUARANTINE_REASON].tolist() == ["gender is not one of F, M, U, X"]
+    assert outcome.quarantine[QUARANTINE_REASON].tolist() == ["gender is not one of F, M, U, X (value 'female')"]
