@@ -97,6 +97,9 @@ def generate(
 
 
 def _run(as_of: date, mapping: str, root: Path, landing_dir: str | None = None) -> Path:
+    from crm_analytics.mapping import load_mapping
+
+    load_mapping(mapping)  # a wrong mapping is one line at once, before a Prefect server is started for nothing
     _prefect()
     from crm_analytics.parameters import PipelineOptions
     from flows.customer_analytics import customer_analytics
@@ -150,6 +153,9 @@ def backfill(
     first, last = _date(start, "--start"), _date(end, "--end")
     if last < first:
         raise UsageProblem(f"--end {last} is before --start {first}")
+    from crm_analytics.mapping import load_mapping
+
+    load_mapping(mapping)  # one line at once for a wrong mapping, before any server starts
     _prefect()
     from crm_analytics.distributed import ExecutorOptions
     from crm_analytics.parameters import PipelineOptions

@@ -135,7 +135,7 @@ def run_stages(as_of: date, options: PipelineOptions) -> str:
     with store.lock(on_wait=get_run_logger().warning):
         store.begin()
         started_at = utc_now()
-        ingested = ingest(run, options.mapping, options.landing_dir)
+        ingested = ingest(run, options.mapping, options.landing_dir, options.validation.earliest_date)
         validated = validate(run, ingested, options.validation, options.mapping)
         cleaned = clean(run, validated)
         featured = features(run, cleaned)

@@ -1138,9 +1138,12 @@ def reusable_history(history: History | None, files: list[Path]) -> bool:
 
 
 def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_override: str | None = None,
-               history: dict[str, History] | None = None,
-               parse: FileParser = parse_files) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
+               history: dict[str, History] | None = None, parse: FileParser = parse_files,
+               earliest_date: date | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
     """Every entity of the mapping, read or derived, parsed and typed.
+
+    ``earliest_date`` is the validation's (``ValidationOptions.earliest_date``): a derived entity comes only from
+    origin rows that validation will keep, so it must judge dates by the same bound.
 
     ``history`` (daily-file entities only) holds an earlier run's parsed rows: when its files are unchanged,
     only the new days' files are read and parsed, and the result equals a full read.
@@ -1155,7 +1158,7 @@ def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_ove
     for entity in mapping.read_order():
         source = mapping.entities[entity]
         if source.derive is not None:
-            frames[entity] = derive_entity(frames[source.derive.from_entity], entity, mapping, as_of)
+            frames[entity] = derive_entity(frames[source.derive.from_entity], entity, mapping, as_of, earliest_date)
             continue
         if source.query is not None:
             text = read_query(entity, source, mapping.database, as_of)
@@ -1182,7 +1185,8 @@ def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_ove
     return frames, sources
 
 
-def landing_fingerprint(run: RunSpec, mapping_name: str, landing_dir: str | None = None) -> str | None:
+def landing_fingerprint(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
+                        **_: Any) -> str | None:
     """What ingest reads, cheaply: the mapping's text and each selected file's name, size and change time.
 
     ``None`` (never reuse) when an entity comes from SQL: a table's content has no cheap fingerprint.
@@ -1222,15 +1226,17 @@ def load_history(run: RunSpec, mapping: SourceMapping, mapping_name: str,
 
 
 @stage_task("ingest", fingerprint_extra=landing_fingerprint, **IO_RETRY)
-def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None) -> StageResult:
-    """Read every entity through the mapping into ``raw/<entity>.parquet``."""
+def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
+           earliest_date: date | None = None) -> StageResult:
+    """Read every entity through the mapping into ``raw/<entity>.parquet`` (``earliest_date``: see ``ingest_all``)."""
     log = stage_logger()
     mapping = load_mapping(mapping_name)
     store = run.store
     with stage_client() as client:
         parse = parse_files if client is None else partitioned_parser(client, partition_count(client))
         frames, sources = ingest_all(mapping, run.data_root, run.as_of, landing_dir,
-                                     history=load_history(run, mapping, mapping_name, landing_dir), parse=parse)
+                                     history=load_history(run, mapping, mapping_name, landing_dir), parse=parse,
+                                     earliest_date=earliest_date)
         ran_on = executor_metrics(client)
     artifacts, metrics = {}, {}
     for entity, frame in frames.items():

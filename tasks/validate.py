@@ -343,9 +343,30 @@ def check_quarantine_rate(entity: str, rows_in: int, quarantined: int, reason_co
     return quarantined / rows_in if rows_in else 0.0
 
 
-def check_gates(outcomes: dict[str, ValidationOutcome], mapping: SourceMapping, options: ValidationOptions) -> None:
+AFTER_AS_OF = " is after the as-of date"  # the suites' reason for a date past the as-of date, after its column
+
+
+def before_all_data(outcomes: dict[str, ValidationOutcome], as_of: date) -> str | None:
+    """"the as-of date is before all the data" when every row of an entity is dated after it (a mistyped
+    ``--as-of``): said plainly instead of as a 100 % quarantine."""
+    for entity, outcome in outcomes.items():
+        rows = len(outcome.valid) + len(outcome.quarantine)
+        for reason, count in outcome.reason_counts.items():
+            column = reason.removesuffix(AFTER_AS_OF)
+            if rows and count == rows and reason.endswith(AFTER_AS_OF) and column in outcome.quarantine.columns:
+                earliest = outcome.quarantine[column].min()
+                return (f"data-quality gate: the as-of date {as_of} is before all the data: every one of the "
+                        f"{rows:,} {entity} rows has {column} after it (the earliest is {earliest.date()}); "
+                        "choose a later as-of date")
+    return None
+
+
+def check_gates(outcomes: dict[str, ValidationOutcome], mapping: SourceMapping, options: ValidationOptions,
+                as_of: date | None = None) -> None:
     """The data-quality gate: every entity over its allowed rate is named in one line, so a cascade from
     quarantined customers is told together with the customers' own reasons."""
+    if as_of is not None and (text := before_all_data(outcomes, as_of)) is not None:
+        raise DataQualityError(text)
     failures = [(entity, text) for entity, m in validation_metrics(outcomes, mapping, options).items()
                 if (text := gate_failure(entity, m["rows_in"], m["quarantined"], m["reasons"],
                                          m["max_quarantine_rate"], m.get("cascade"),
@@ -395,6 +416,6 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
         artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity, outcome.quarantine)
         log.info("validated %s: %d valid, %d quarantined", entity, len(outcome.valid), len(outcome.quarantine))
     metrics = validation_metrics(outcomes, mapping, options)
-    check_gates(outcomes, mapping, options)
+    check_gates(outcomes, mapping, options, run.as_of)
     return StageResult(stage="validate", artifacts=artifacts, metrics={"entities": metrics},
                        report_section=quality_section(metrics))

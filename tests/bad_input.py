@@ -480,3 +480,12 @@ def _as_of_before_data(x: Export) -> None:
     x.files["orders/2025-01-01.csv"] = x.files.pop(L)
     x.entity("order_lines").update(files="orders/*.csv", daily=True)
     x.as_of = date(2024, 6, 30)
+
+
+case("an as-of date before all the data of one file",
+     Outcome(quarantined={"customers": {n + 1: r"signup_date.*after" for n in range(1, CUSTOMERS + 1)
+                                        if customer_line(n).split(",")[1] > "2024-03-31"},
+                          "order_lines": {n: r"order_ts.*after" for n in range(2, LINES + 2)}},
+             gate_error=r"as-of date 2024-03-31 is before all the data: every one of the 200 order_lines rows has "
+                        r"order_ts after it \(the earliest is 2025-01-0\d\)"))(
+    lambda x: setattr(x, "as_of", date(2024, 3, 31)))

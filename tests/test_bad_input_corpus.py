@@ -178,7 +178,7 @@ def test_case_through_ingest_and_validation(case: Case, tmp_path, caplog, monkey
     written = [t for e in published for f in (result.valid[e], result.quarantine[e]) for t in frame_texts(f)]
     assert_no_personal_values(written + [caplog.text], f"validated/quarantine rows or logs of {case.name!r}")
     try:
-        check_gates(outcomes, mapping, ValidationOptions())
+        check_gates(outcomes, mapping, ValidationOptions(), export.as_of)
     except USER_ERRORS as exc:
         assert case.outcome.gate_error, f"the default gate stopped the run: {exc}"
         assert "\n" not in str(exc) and re.search(case.outcome.gate_error, str(exc)), str(exc)

@@ -138,6 +138,7 @@ def _run(root, mapping, as_of: date = AS_OF):
     manifest = json.loads((folder / "_manifest.json").read_text())
     for entity, counts in manifest["reconciliation"].items():
         assert counts["rows_in"] == counts["valid"] + counts["quarantined"], entity
+        assert counts["data_lines"] == counts["lines_in"], entity
     return folder, manifest, (folder / "report" / "report.md").read_text()
 
 
@@ -147,8 +148,9 @@ def test_a_customer_table_with_labels_and_no_transactions(tmp_path, prefect_serv
     run_dir, manifest, report = _run(tmp_path, mapping)
     reconciliation, stages = manifest["reconciliation"], manifest["stages"]
     # 801 rows: one with tenure "twelve" is quarantined (and so is its label); one repeats a row exactly.
-    assert reconciliation["customers"] == {"rows_in": 801, "valid": 800, "quarantined": 1}
-    assert reconciliation["churn_labels"] == {"rows_in": 801, "valid": 800, "quarantined": 1}
+    one_row_a_line = {"rows_in": 801, "valid": 800, "quarantined": 1, "data_lines": 801, "lines_in": 801,
+                      "lines_quarantined": 1}
+    assert reconciliation["customers"] == reconciliation["churn_labels"] == one_row_a_line
     assert reconciliation["order_lines"]["rows_in"] == 0 and reconciliation["products"]["rows_in"] == 0
     customers = pd.read_parquet(run_dir / "clean" / "customers.parquet")
     assert len(customers) == 799 and set(customers["gender"]) == {"F", "M"}  # regex fix of Female/Male
@@ -173,7 +175,9 @@ def test_a_customer_table_with_labels_and_no_transactions(tmp_path, prefect_serv
 def test_a_purchase_log_without_products_or_order_ids(tmp_path, prefect_server):
     mapping, log = write_purchase_log(tmp_path)
     run_dir, manifest, report = _run(tmp_path, mapping)
-    assert manifest["reconciliation"]["order_lines"] == {"rows_in": len(log), "valid": len(log), "quarantined": 0}
+    assert manifest["reconciliation"]["order_lines"] == {"rows_in": len(log), "valid": len(log), "quarantined": 0,
+                                                         "data_lines": len(log), "lines_in": len(log),
+                                                         "lines_quarantined": 0}
     lines = pd.read_parquet(run_dir / "clean" / "order_lines.parquet")
     assert len(lines) == len(log) and lines["order_id"].nunique() == len(log)  # one purchase per row
     assert set(lines["product_id"]) == {"all"} and set(lines["category"]) == {UNCATEGORISED}
@@ -191,7 +195,10 @@ def test_a_basket_list(tmp_path, prefect_server):
     mapping, baskets = write_basket_list(tmp_path)
     run_dir, manifest, report = _run(tmp_path, mapping)
     items = sum(len(b) for b in baskets)
-    assert manifest["reconciliation"]["order_lines"] == {"rows_in": items, "valid": items, "quarantined": 0}
+    # one row per item, one line per basket: the lines are the baskets (with at least one item)
+    assert manifest["reconciliation"]["order_lines"] == {"rows_in": items, "valid": items, "quarantined": 0,
+                                                         "data_lines": BASKETS, "lines_in": BASKETS,
+                                                         "lines_quarantined": 0}
     assert manifest["stages"]["rules"]["baskets"] == BASKETS
     rules = pd.read_parquet(run_dir / "rules" / "rules.parquet")
     planted = rules[[list(a) == [PLANTED_PAIR[0]] and list(c) == [PLANTED_PAIR[1]]

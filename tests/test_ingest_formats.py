@@ -208,7 +208,8 @@ def test_a_nul_byte_in_a_value_quarantines_its_row_naming_the_column(tmp_path):
         lambda column: column.str.contains("\x00", regex=False).fillna(False)).any().any()
     outcome = validate_entity(parsed, load_suite("customers"), suite_parameters(AS_OF), personal=["email"])
     assert outcome.quarantine["customer_id"].tolist() == ["C2"]
-    assert outcome.quarantine["_quarantine_reason"].iloc[0] == "a value does not parse as its declared type"
+    assert outcome.quarantine["_quarantine_reason"].iloc[0] == ("a value does not parse as its declared type: "
+                                                                "country=<NUL byte>; email=<NUL byte>")
     assert outcome.quarantine["_parse_errors"].iloc[0] == "country=<NUL byte>; email=<NUL byte>"
     assert outcome.valid["customer_id"].tolist() == ["C1", "C3"]
 

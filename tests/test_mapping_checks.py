@@ -393,3 +393,16 @@ def test_the_generated_sample_passes_unchanged(tmp_path):
     generate(GeneratorConfig(customers=300, seed=7, end_date=date(2025, 3, 31)), tmp_path)
     frames, _ = ingest_all(load_mapping("sample"), tmp_path, date(2025, 3, 31))
     assert len(frames["customers"]) >= 300
+
+
+def test_the_readme_example_with_every_option_is_a_valid_mapping(tmp_path):
+    """The README's complete mapping example loads as it is written (a user copies it)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("A complete example with every option")
+    block = readme[readme.index("```yaml\n", start) + len("```yaml\n"):]
+    block = block[:block.index("```")]
+    path = tmp_path / "example.yaml"
+    path.write_text(block)
+    mapping = load_mapping(path)
+    assert mapping.entities["customers"].not_personal == ["shop_code"]
+    assert mapping.entities["customers"].pii == ["email"]

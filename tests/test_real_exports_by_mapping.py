@@ -33,7 +33,9 @@ def test_telco_table_through_the_shipped_mapping(tmp_path, prefect_server):
     landing.mkdir()
     table.to_csv(landing / "WA_Fn-UseC_-Telco-Customer-Churn.csv", index=False)
     run_dir, manifest, report = _run(tmp_path, "telco")
-    assert manifest["reconciliation"]["customers"] == {"rows_in": len(table), "valid": len(table), "quarantined": 0}
+    assert manifest["reconciliation"]["customers"] == {"rows_in": len(table), "valid": len(table), "quarantined": 0,
+                                                       "data_lines": len(table), "lines_in": len(table),
+                                                       "lines_quarantined": 0}
     assert manifest["reconciliation"]["churn_labels"]["valid"] == len(table)
     churn = manifest["stages"]["churn"]
     assert churn["label_source"] == "explicit"
@@ -77,7 +79,9 @@ entities:
     defaults: {product_id: all}
 """)
     run_dir, manifest, report = _run(tmp_path, mapping, as_of=date(2011, 12, 9))
-    assert manifest["reconciliation"]["order_lines"] == {"rows_in": len(log), "valid": len(log), "quarantined": 0}
+    assert manifest["reconciliation"]["order_lines"] == {"rows_in": len(log), "valid": len(log), "quarantined": 0,
+                                                         "data_lines": len(log), "lines_in": len(log),
+                                                         "lines_quarantined": 0}
     clean = pd.read_parquet(run_dir / "clean" / "order_lines.parquet")
     spent = clean.groupby("customer_id")["line_amount"].sum()
     expected = log.groupby("customer")["amount"].sum()
