@@ -141,7 +141,7 @@ class RunStore:
     def __init__(self, data_root: Path, as_of: date):
         self.data_root = Path(data_root)
         self.as_of = as_of
-        self.run_dir = self.data_root / "runs" / f"as_of={as_of.isoformat()}"
+        self.run_dir = self.runs_dir(self.data_root) / f"as_of={as_of.isoformat()}"
 
     # ---- layout -------------------------------------------------------------------------------------
     def path(self, stage: str, filename: str) -> Path:
@@ -156,20 +156,46 @@ class RunStore:
     def is_complete(self) -> bool:
         return self.manifest_path.exists()
 
+    @staticmethod
+    def runs_dir(data_root: Path) -> Path:
+        return Path(data_root) / "runs"
+
+    @classmethod
+    def complete_dates(cls, data_root: Path) -> list[date]:
+        """The as-of dates of every complete run (one with a manifest) under ``data_root``, oldest first."""
+        dates = []
+        for manifest in cls.runs_dir(data_root).glob(f"as_of=*/{MANIFEST_NAME}"):
+            try:
+                dates.append(date.fromisoformat(manifest.parent.name.removeprefix("as_of=")))
+            except ValueError:
+                continue
+        return sorted(dates)
+
+    @classmethod
+    def latest_complete(cls, data_root: Path, before: date | None = None) -> RunStore | None:
+        """The latest complete run under ``data_root`` (dated before ``before`` if given), if any."""
+        dates = [d for d in cls.complete_dates(data_root) if before is None or d < before]
+        return cls(data_root, dates[-1]) if dates else None
+
     def previous_complete(self) -> RunStore | None:
-        """The latest complete run (one with a manifest) dated before this one, if any.
+        """The latest complete run dated before this one, if any.
 
         Stages that carry state from night to night (segment identities, the churn champion) read it.
         """
-        earlier = []
-        for manifest in (self.data_root / "runs").glob(f"as_of=*/{MANIFEST_NAME}"):
-            try:
-                run_date = date.fromisoformat(manifest.parent.name.removeprefix("as_of="))
-            except ValueError:
-                continue
-            if run_date < self.as_of:
-                earlier.append(run_date)
-        return RunStore(self.data_root, max(earlier)) if earlier else None
+        return self.latest_complete(self.data_root, before=self.as_of)
+
+    def completed_key(self) -> str | None:
+        """The idempotency key recorded by this run if it is complete (see ``parameters.idempotency_key``)."""
+        return self.read_manifest().get("idempotency_key") if self.is_complete() else None
+
+    def artifact(self, stage: str, name: str) -> ArtifactRef | None:
+        """An artifact of this complete run as its manifest recorded it (``None`` if it has none by that name):
+        how a later run reads an earlier run's outputs without knowing where they lie."""
+        recorded = self.read_manifest().get("artifacts", {}).get(f"{stage}/{name}") if self.is_complete() else None
+        if recorded is None:
+            return None
+        return ArtifactRef(stage=stage, name=name, path=str(self.run_dir / recorded["path"]),
+                           **{k: recorded[k] for k in ("kind", "rows", "schema_fingerprint", "content_hash", "bytes")})
 
     # ---- stage records: what makes a stage resumable -------------------------------------------------------
     def stage_record_path(self, stage: str) -> Path:

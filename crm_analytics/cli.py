@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from crm_analytics.artifacts import RunStore
 from crm_analytics.errors import PermanentError
 from crm_analytics.settings import configure_prefect_defaults, get_settings
 from crm_analytics.user_errors import PREFIX, user_error_line
@@ -96,7 +97,7 @@ def generate(
                + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-def _run(as_of: date, mapping: str, root: Path, landing_dir: str | None = None) -> Path:
+def _run(as_of: date, mapping: str, root: Path, landing_dir: str | None = None) -> RunStore:
     from crm_analytics.mapping import load_mapping
 
     load_mapping(mapping)  # a wrong mapping is one line at once, before a Prefect server is started for nothing
@@ -105,7 +106,8 @@ def _run(as_of: date, mapping: str, root: Path, landing_dir: str | None = None) 
     from flows.customer_analytics import customer_analytics
 
     options = PipelineOptions(mapping=mapping, data_root=str(root), landing_dir=landing_dir)
-    return Path(customer_analytics(as_of=as_of, options=options))
+    customer_analytics(as_of=as_of, options=options)
+    return RunStore(root, as_of)
 
 
 @app.command()
@@ -124,8 +126,7 @@ def run(
 
         day = default_as_of()
     landing = str(Path(landing_dir).resolve()) if landing_dir else None
-    run_dir = _run(day, mapping, _data_root(data_root), landing)
-    _print_summary(run_dir)
+    _print_summary(_run(day, mapping, _data_root(data_root), landing))
 
 
 @app.command()
@@ -181,9 +182,9 @@ def demo(
         generate(customers=customers, data_root=root)
     end_date = _date(json.loads(truth.read_text())["config"]["end_date"], "the generated export's end_date")
     started = time.perf_counter()
-    run_dir = _run(end_date, "sample", root)
+    store = _run(end_date, "sample", root)
     typer.echo(f"pipeline finished in {time.perf_counter() - started:.0f}s")
-    _print_summary(run_dir)
+    _print_summary(store)
 
 
 @app.command()
@@ -192,24 +193,20 @@ def summary(
     data_root: DataRoot = None,
 ) -> None:
     """Print the summary of a complete run."""
-    runs = _data_root(data_root) / "runs"
-    if as_of:
-        run_dir = runs / f"as_of={_date(as_of, '--as-of')}"
-    else:
-        complete = sorted(p.parent for p in runs.glob("as_of=*/_manifest.json"))
-        if not complete:
-            raise UsageProblem(f"no complete run under {runs}")
-        run_dir = complete[-1]
-    if not (run_dir / "_manifest.json").exists():
-        raise UsageProblem(f"{run_dir} has no manifest: the run is missing or incomplete")
-    _print_summary(run_dir)
+    root = _data_root(data_root)
+    store = RunStore(root, _date(as_of, "--as-of")) if as_of else RunStore.latest_complete(root)
+    if store is None:
+        raise UsageProblem(f"no complete run under {RunStore.runs_dir(root)}")
+    if not store.is_complete():
+        raise UsageProblem(f"{store.run_dir} has no manifest: the run is missing or incomplete")
+    _print_summary(store)
 
 
-def _print_summary(run_dir: Path) -> None:
-    manifest = json.loads((run_dir / "_manifest.json").read_text())
+def _print_summary(store: RunStore) -> None:
+    manifest = store.read_manifest()
     stages = manifest["stages"]
-    typer.echo(f"\nRun folder: {run_dir}")
-    typer.echo(f"Report:     {run_dir / 'report' / 'report.md'}")
+    typer.echo(f"\nRun folder: {store.run_dir}")
+    typer.echo(f"Report:     {store.path('report', 'report.md')}")
     for entity, counts in manifest["reconciliation"].items():
         typer.echo(f"  {entity:12s} in={counts['rows_in']:>9,} valid={counts['valid']:>9,} "
                    f"quarantined={counts['quarantined']:>7,}")

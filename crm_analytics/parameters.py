@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Literal
@@ -226,6 +228,19 @@ class PipelineOptions(BaseModel):
     segments: SegmentOptions = SegmentOptions()
     churn: ChurnOptions = ChurnOptions()
     rules: RulesOptions = RulesOptions()
+
+
+def data_root_of(options: PipelineOptions) -> Path:
+    """The run's data root: the options' own, or the ``CRM_DATA_ROOT`` setting."""
+    from crm_analytics.settings import get_settings
+
+    return Path(options.data_root) if options.data_root else get_settings().data_root
+
+
+def idempotency_key(as_of: date, options: PipelineOptions) -> str:
+    """Identifies "this date with these parameters": a complete run with the same key is not redone."""
+    payload = json.dumps({"as_of": as_of.isoformat(), "options": options.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def as_of_end(as_of: date) -> pd.Timestamp:

@@ -9,6 +9,7 @@ the pipeline and keeps its traceback. No Prefect import here: the CLI classifies
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from crm_analytics.errors import PermanentError
 
@@ -75,3 +76,18 @@ def install_run_log_filter() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+
+
+def failed_with_one_line(exc: Exception) -> Any:
+    """The Failed state a flow returns for a user error: its message is the ``error:`` line the CLI prints, so a
+    run started from the UI shows the same line; ``None`` for a bug, which the caller re-raises with its traceback.
+    Called inside a flow run (Prefect is imported then, not when this module is)."""
+    from prefect import get_run_logger
+    from prefect.states import Failed
+
+    line = user_error_line(exc)
+    if line is None:
+        return None
+    get_run_logger().error(line)
+    # The exception rides along as the state's data: a caller of the flow (the CLI, a backfill) gets it raised.
+    return Failed(message=line, data=exc)

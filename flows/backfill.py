@@ -14,7 +14,7 @@ entered inside the flow so a deployment run can pick the executor with a paramet
 
 from __future__ import annotations
 
-import time
+import itertools
 from datetime import date, timedelta
 from typing import Literal
 
@@ -22,7 +22,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 
 from crm_analytics.artifacts import RunStore
 from crm_analytics.distributed import (
@@ -34,9 +34,8 @@ from crm_analytics.distributed import (
     unpartitioned,
 )
 from crm_analytics.errors import PermanentError
-from crm_analytics.parameters import PipelineOptions
-from crm_analytics.user_errors import PREFIX, install_run_log_filter, user_error_line
-from flows.customer_analytics import completed_key, data_root_of, failed_with_one_line, idempotency_key
+from crm_analytics.parameters import PipelineOptions, data_root_of, idempotency_key
+from crm_analytics.user_errors import PREFIX, failed_with_one_line, install_run_log_filter, user_error_line
 
 Step = Literal["day", "week", "month"]
 MAX_CONCURRENCY = MAX_LOCAL_CONCURRENCY
@@ -124,27 +123,24 @@ def _backfill(start: date, end: date, step: Step, concurrency: int, force: bool,
     summary: dict[str, list[str]] = {"ran": [], "skipped": [], "failed": []}
     todo = []
     for as_of in backfill_dates(start, end, step):
-        if not force and completed_key(RunStore(root, as_of)) == idempotency_key(as_of, options):
+        if not force and RunStore(root, as_of).completed_key() == idempotency_key(as_of, options):
             summary["skipped"].append(as_of.isoformat())
         else:
             todo.append(as_of)
     log.info("backfill %s..%s by %s: %d to run, %d already complete", start, end, step, len(todo),
              len(summary["skipped"]))
 
-    running: dict[date, PrefectFuture] = {}
     errors: dict[str, str] = {}
     runner = backfill_task_runner(executor)
 
-    def collect(finished: list[date]) -> None:
-        for as_of in finished:
-            future = running.pop(as_of)
-            try:
-                future.result()
-                summary["ran"].append(as_of.isoformat())
-            except Exception as exc:  # noqa: BLE001 - one date's failure must not stop the others
-                summary["failed"].append(as_of.isoformat())
-                errors[as_of.isoformat()] = date_failure(exc)
-                log.error("backfill date %s failed: %s", as_of, errors[as_of.isoformat()])
+    def collect(as_of: date, future: PrefectFuture) -> None:
+        try:
+            future.result()
+            summary["ran"].append(as_of.isoformat())
+        except Exception as exc:  # noqa: BLE001 - one date's failure must not stop the others
+            summary["failed"].append(as_of.isoformat())
+            errors[as_of.isoformat()] = date_failure(exc)
+            log.error("backfill date %s failed: %s", as_of, errors[as_of.isoformat()])
 
     with runner:
         if executor.kind == "dask":
@@ -153,14 +149,17 @@ def _backfill(start: date, end: date, step: Step, concurrency: int, force: bool,
             concurrency = cluster_threads(runner)
             log.info("backfill on Dask (%s): %d dates at a time, one per worker thread",
                      executor.address or "LocalCluster", concurrency)
-        for as_of in todo:
-            while len(running) >= concurrency:
-                collect([d for d, f in running.items() if f.state.is_final()])
-                time.sleep(0.2)
-            running[as_of] = runner.submit(run_date, parameters={"as_of": as_of, "options": options})
+        # A window of at most ``concurrency`` dates in flight: each finished date (Prefect's as_completed wakes on
+        # the futures' done callbacks) lets the next one start.
+        waiting = iter(todo)
+        running: dict[PrefectFuture, date] = {}
+        for as_of in itertools.islice(waiting, concurrency):
+            running[runner.submit(run_date, parameters={"as_of": as_of, "options": options})] = as_of
         while running:
-            collect([d for d, f in running.items() if f.state.is_final()])
-            time.sleep(0.2)
+            finished = next(as_completed(list(running)))
+            collect(running.pop(finished), finished)
+            if (as_of := next(waiting, None)) is not None:
+                running[runner.submit(run_date, parameters={"as_of": as_of, "options": options})] = as_of
 
     rows = ([{"as_of": d, "outcome": "ran", "detail": ""} for d in summary["ran"]]
             + [{"as_of": d, "outcome": "skipped", "detail": "already complete"} for d in summary["skipped"]]

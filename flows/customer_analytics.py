@@ -8,21 +8,16 @@ unchanged, so a rerun after a crash resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import Failed, State
 
 from crm_analytics.artifacts import RunStore, StageResult, code_version, utc_now
 from crm_analytics.mapping import load_mapping
-from crm_analytics.parameters import PipelineOptions, RunSpec
-from crm_analytics.settings import get_settings
-from crm_analytics.user_errors import install_run_log_filter, user_error_line
+from crm_analytics.parameters import PipelineOptions, RunSpec, data_root_of, idempotency_key
+from crm_analytics.user_errors import failed_with_one_line, install_run_log_filter
 from tasks.churn import churn
 from tasks.clean import clean
 from tasks.features import features
@@ -42,23 +37,6 @@ def default_as_of(scheduled: datetime | None = None) -> date:
 def _run_name() -> str:
     as_of = flow_run.get_parameters().get("as_of") or default_as_of()
     return f"customer-analytics-{as_of}"
-
-
-def data_root_of(options: PipelineOptions) -> Path:
-    return Path(options.data_root) if options.data_root else get_settings().data_root
-
-
-def idempotency_key(as_of: date, options: PipelineOptions) -> str:
-    """Identifies "this date with these parameters": a complete run with the same key is not redone."""
-    payload = json.dumps({"as_of": as_of.isoformat(), "options": options.model_dump(mode="json")}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def completed_key(store: RunStore) -> str | None:
-    """The idempotency key of a complete run folder, or None if the folder is incomplete."""
-    if not store.is_complete():
-        return None
-    return store.read_manifest().get("idempotency_key")
 
 
 def reconciliation(ingested: dict[str, Any], validated: dict[str, Any]) -> dict[str, dict[str, int]]:
@@ -97,17 +75,6 @@ def build_manifest(store: RunStore, options: PipelineOptions, started_at: str,
             for r in results for name, ref in r.artifacts.items()
         },
     }
-
-
-def failed_with_one_line(exc: Exception) -> State | None:
-    """The Failed state a flow returns for a user error: its message is the ``error:`` line the CLI prints, so a
-    run started from the UI shows the same line; ``None`` for a bug, which is re-raised with its traceback."""
-    line = user_error_line(exc)
-    if line is None:
-        return None
-    get_run_logger().error(line)
-    # The exception rides along as the state's data: a caller of the flow (the CLI, a backfill) gets it raised.
-    return Failed(message=line, data=exc)
 
 
 @flow(name="customer-analytics", flow_run_name=_run_name, log_prints=True)

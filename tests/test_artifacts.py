@@ -57,3 +57,19 @@ def test_previous_complete_run_skips_incomplete_and_later_runs(tmp_path):
             store.write_manifest({"as_of": day.isoformat()})
     assert RunStore(tmp_path, date(2025, 1, 10)).previous_complete().as_of == date(2025, 1, 5)
     assert RunStore(tmp_path, date(2025, 1, 1)).previous_complete() is None
+
+
+def test_an_earlier_run_is_read_through_its_manifest_not_its_layout(tmp_path):
+    earlier = RunStore(tmp_path, date(2025, 1, 5))
+    earlier.begin()
+    ref = earlier.write_frame("segments", "centroids", pd.DataFrame({"segment": [1, 2]}))
+    assert earlier.artifact("segments", "centroids") is None  # not complete yet: nothing to read
+    earlier.write_manifest({"idempotency_key": "k1", "artifacts": {"segments/centroids": {
+        "path": earlier.relative(ref), "kind": ref.kind, "rows": ref.rows,
+        "schema_fingerprint": ref.schema_fingerprint, "content_hash": ref.content_hash, "bytes": ref.bytes}}})
+    later = RunStore(tmp_path, date(2025, 1, 6))
+    found = later.previous_complete().artifact("segments", "centroids")
+    assert found == ref and RunStore.read_frame(found)["segment"].tolist() == [1, 2]
+    assert later.previous_complete().artifact("segments", "profiles") is None
+    assert RunStore.latest_complete(tmp_path).as_of == date(2025, 1, 5) and earlier.completed_key() == "k1"
+    assert later.completed_key() is None and RunStore.complete_dates(tmp_path) == [date(2025, 1, 5)]
