@@ -7,6 +7,9 @@ Each entity comes from exactly one of: files (CSV/Parquet; one file, a glob, or 
 ``load_mapping`` checks everything a mapping names (columns, regexes, time zone, timestamp formats, paths) before
 any file is read and reports each error as one line naming the mapping file and the key path. ``select_files``
 reads only inside the landing folder (links out of it are refused) and fails with one line when nothing matches.
+
+Over 500 lines on purpose: the mapping's schema and every load-time check of it are one contract a user reads
+(each option sits beside the check that reports its misuse).
 """
 
 from __future__ import annotations

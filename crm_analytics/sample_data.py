@@ -11,6 +11,9 @@ What it plants, so each stage has something real to find:
 - a configurable fraction of dirty rows of every kind the validation stage must catch.
 
 The export lands as ``customers.csv``, ``products.csv`` and one ``order_lines/YYYY-MM-DD.csv`` per day.
+
+Over 500 lines on purpose: the generator and the ground truth it writes (true churn probabilities, the posterior
+from what an export shows) share one set of priors and one seasonal clock, and must change together.
 """
 
 from __future__ import annotations
