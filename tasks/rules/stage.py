@@ -25,6 +25,8 @@ ORDER_LINE_COLUMNS = ["order_id", "customer_id", "order_ts", "product_id", "cate
 
 
 class RulesOutput(NamedTuple):
+    """The stage's three artifacts and the counts and timings behind them."""
+
     itemsets: pd.DataFrame
     rules: pd.DataFrame
     recommendations: pd.DataFrame
@@ -32,6 +34,8 @@ class RulesOutput(NamedTuple):
 
 
 class MinedRules(NamedTuple):
+    """Itemsets and rules before recommending, with the mining counts and timings."""
+
     itemsets: pd.DataFrame
     rules: pd.DataFrame
     stats: dict
