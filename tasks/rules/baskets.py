@@ -1,0 +1,186 @@
+"""Baskets: purchase lines encoded as a sparse basket x item incidence, and the FP-tree built from it level
+by level with numpy (then handed to mlxtend's FPTree for mining).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from mlxtend.frequent_patterns.fpcommon import FPNode, FPTree
+from scipy import sparse
+
+from crm_analytics.parameters import RulesOptions
+from tasks.common import stage_logger
+
+ITEM_COLUMNS = {"product": "product_id", "category": "category"}
+
+
+def _distinct(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values and how often each occurs (np.unique's hash path is slow on large int arrays)."""
+    ordered = np.sort(values)
+    if len(ordered) == 0:
+        return ordered, np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    return ordered[starts], np.diff(np.append(starts, len(ordered)))
+
+
+def min_support_count(min_support: float, n_baskets: int) -> int:
+    """The fewest baskets a frequent itemset needs: the smallest count ``c`` with ``c / n >= min_support``.
+
+    Computed on the ratio, not as ``ceil(min_support * n)``: 0.07 * 100 is 7.000000000000001 in floating point,
+    so arules' apriori asks for 8 baskets there, while 7 / 100 >= 0.07 and so 7 baskets are enough here.
+    """
+    if n_baskets <= 0:
+        return 1
+    count = max(math.ceil(min_support * n_baskets), 1)
+    while count > 1 and (count - 1) / n_baskets >= min_support:
+        count -= 1
+    while count / n_baskets < min_support:
+        count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class Baskets:
+    """Baskets as a sparse incidence matrix (basket x kept item) plus what was left out and why."""
+
+    matrix: sparse.csr_array  # bool, n_baskets x items; rows sorted by item code
+    items: np.ndarray  # labels of the kept items, sorted (code order = label order)
+    item_counts: np.ndarray  # baskets holding each kept item
+    n_baskets: int
+    min_count: int
+    stats: dict = field(default_factory=dict)
+
+
+def basket_codes(purchases: pd.DataFrame, basket: str) -> np.ndarray:
+    """One integer per purchase line naming its basket: the order, or the customer and UTC day."""
+    if basket == "order":
+        return pd.factorize(purchases["order_id"])[0]
+    keys = pd.MultiIndex.from_arrays([purchases["customer_id"], purchases["order_ts"].dt.floor("D")])
+    return pd.factorize(keys)[0]
+
+
+def encode_baskets(order_lines: pd.DataFrame, options: RulesOptions) -> Baskets:
+    """Deduplicated (basket, item) incidence without returns, oversized baskets or items that cannot be frequent."""
+    item_column = ITEM_COLUMNS[options.item_level]
+    key_columns = ["order_id"] if options.basket == "order" else ["customer_id", "order_ts"]
+    kept = ~order_lines["is_return"].astype(bool) & (order_lines["quantity"] > 0).fillna(False)
+    if "returned_quantity" in order_lines.columns:  # clean's netting: a purchase given back in full was not kept
+        kept &= (order_lines["returned_quantity"].fillna(0) < order_lines["quantity"]).fillna(True)
+    bought = order_lines.loc[kept.astype(bool)]
+    usable = bought[key_columns + [item_column]].notna().all(axis=1)
+    purchases = bought.loc[usable]
+    baskets = basket_codes(purchases, options.basket)
+    item_codes, labels = pd.factorize(purchases[item_column], sort=True)
+    n_items = len(labels)
+    # One entry per (basket, item): an item bought on two lines of one basket counts once. Sorted by basket,
+    # then item: CSR order.
+    pairs, _ = _distinct(baskets.astype(np.int64) * max(n_items, 1) + item_codes)
+    pair_basket, pair_item = np.divmod(pairs, max(n_items, 1))
+    sizes = np.bincount(pair_basket, minlength=int(baskets.max()) + 1 if len(baskets) else 0)
+
+    oversized = sizes > options.max_basket_size
+    kept_basket = np.cumsum(~oversized) - 1
+    in_kept = ~oversized[pair_basket]
+    pair_basket, pair_item = kept_basket[pair_basket[in_kept]], pair_item[in_kept]
+    n_baskets = int((~oversized).sum())
+    if oversized.any():
+        stage_logger().warning(
+            "rules: %d of %d baskets have more than %d distinct items (largest %d) and are left out of mining",
+            int(oversized.sum()), len(sizes), options.max_basket_size, int(sizes.max()))
+
+    counts = np.bincount(pair_item, minlength=n_items)
+    min_count = min_support_count(options.min_support, n_baskets)
+    keep_item = counts >= max(min_count, options.min_item_baskets)
+    new_code = np.cumsum(keep_item) - 1
+    in_kept = keep_item[pair_item]
+    rows, cols = pair_basket[in_kept], new_code[pair_item[in_kept]]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_baskets))])
+    matrix = sparse.csr_array((np.ones(len(cols), dtype=bool), cols.astype(np.int32), indptr),
+                              shape=(n_baskets, int(keep_item.sum())))
+    stats = {
+        "basket_definition": options.basket,
+        "item_level": options.item_level,
+        "purchase_lines": int(len(purchases)),
+        "lines_left_out": int(len(order_lines) - len(purchases)),  # returns, purchases returned in full, gaps
+        "baskets": n_baskets,
+        "oversized_baskets_dropped": int(oversized.sum()),
+        "largest_basket": int(sizes.max()) if len(sizes) else 0,
+        "items": int(n_items),
+        "items_mined": int(keep_item.sum()),
+        "items_pruned": int(n_items - keep_item.sum()),
+        "min_support_count": min_count,
+    }
+    return Baskets(matrix, np.asarray(labels.astype(str))[keep_item], counts[keep_item], n_baskets, min_count, stats)
+
+
+@dataclass(frozen=True)
+class PrefixTree:
+    """The baskets' FP-tree as flat arrays, built without a per-basket Python loop.
+
+    Items are recoded to tree positions (0 = most frequent); each basket is a path of ascending positions.
+    Node ``k`` (numbered from 1, parents before children; 0 is the root) holds ``item[k - 1]`` with
+    ``count[k - 1]`` baskets and hangs under ``parent[k - 1]``.
+    """
+
+    item: np.ndarray
+    count: np.ndarray
+    parent: np.ndarray
+    basket_ptr: np.ndarray  # CSR row pointer of the baskets in tree positions
+    basket_positions: np.ndarray  # ascending within each basket
+    item_of_position: np.ndarray  # tree position -> item code
+    position_counts: np.ndarray  # baskets holding the item at each position (descending)
+    n_baskets: int
+
+    def items_at(self, min_count: int) -> int:
+        """How many items (a prefix of the positions) are in at least ``min_count`` baskets."""
+        return int(np.searchsorted(-self.position_counts, -min_count, side="right"))
+
+
+def prefix_tree(baskets: Baskets) -> PrefixTree:
+    """Build the FP-tree level by level: the nodes at depth d are the distinct (parent node, d-th item) pairs."""
+    n_items = len(baskets.item_counts)
+    order = np.lexsort((np.arange(n_items), -baskets.item_counts))
+    position = np.empty_like(order)
+    position[order] = np.arange(n_items)
+    matrix = baskets.matrix
+    lengths = np.diff(matrix.indptr)
+    row_of = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), lengths)
+    base = max(n_items, 1)
+    positions = np.sort(row_of * base + position[matrix.indices]) % base
+    items, counts, parents = [], [], []
+    node_of_row = np.zeros(matrix.shape[0], dtype=np.int64)  # every basket starts at the root
+    rows = np.arange(matrix.shape[0])
+    n_nodes = 0
+    for depth in range(int(lengths.max()) if len(lengths) else 0):
+        rows = rows[lengths[rows] > depth]
+        keys = node_of_row[rows] * base + positions[matrix.indptr[rows] + depth]
+        distinct, multiplicity = _distinct(keys)
+        parents.append(distinct // base)
+        items.append(distinct % base)
+        counts.append(multiplicity)
+        node_of_row[rows] = n_nodes + 1 + np.searchsorted(distinct, keys)
+        n_nodes += len(distinct)
+
+    def joined(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    return PrefixTree(joined(items), joined(counts), joined(parents), matrix.indptr, positions, order,
+                      baskets.item_counts[order], baskets.n_baskets)
+
+
+def fp_tree(prefix: PrefixTree) -> FPTree:
+    """mlxtend's FPTree with the nodes of ``prefix`` (the same tree its insert_itemset would build)."""
+    n_items = len(prefix.item_of_position)
+    tree = FPTree(rank={position: n_items - position for position in range(n_items)})
+    tree.root.count = prefix.n_baskets
+    nodes = [tree.root]
+    for item, count, parent in zip(prefix.item.tolist(), prefix.count.tolist(), prefix.parent.tolist(),
+                                   strict=True):
+        node = FPNode(item, count, nodes[parent])
+        tree.nodes[item].append(node)
+        nodes.append(node)
+    return tree
