@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from crm_analytics.artifacts import StageResult
+from crm_analytics.frames import first_copies
 from crm_analytics.mapping import SourceMapping, load_mapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec, ValidationOptions, as_of_end
 from crm_analytics.privacy import ALWAYS_PERSONAL, pseudonym_key, pseudonymise
@@ -95,16 +96,13 @@ def row_failures(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[st
     """Per reason, the boolean mask of the rows of ``frame`` (positions) failing it, and how it was evaluated.
 
     Uniqueness is judged on distinct rows: an exact duplicate is not a conflicting key (the clean stage
-    drops it and counts it); it gets the verdict of its first copy.
+    drops it and counts it); it gets the verdict of its first copy (``crm_analytics.frames.first_copies``).
     """
     frame = frame.reset_index(drop=True)
     data_columns = [c for c in frame.columns if not c.startswith("_")]
     if any(e["type"] in UNIQUENESS_EXPECTATIONS for e in suite["expectations"]):
-        row_hash = pd.util.hash_pandas_object(frame[data_columns], index=False)
-        duplicate = row_hash.duplicated(keep="first")
-        first_label = pd.Series(row_hash.index[~duplicate], index=row_hash[~duplicate].to_numpy())
-        representative = row_hash.map(first_label).to_numpy()
-        checked = frame[~duplicate.to_numpy()]
+        representative = first_copies(frame, data_columns)  # exact: a hash collision merges no rows
+        checked = frame[representative == np.arange(len(frame))]
     else:
         representative = frame.index.to_numpy()
         checked = frame
