@@ -11,7 +11,7 @@ import pandas as pd
 from crm_analytics.mapping import EntitySource, MappingError, SourceMapping
 from crm_analytics.schema import SOURCE_FILE, SOURCE_LINE
 from tasks.ingest.parse import parse_entity
-from tasks.validate import origin_rows_passing
+from tasks.suites import origin_rows_passing
 
 ENTITY_KEYS = {"customers": "customer_id", "products": "product_id"}
 
