@@ -32,8 +32,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from crm_analytics.errors import PermanentError
 from crm_analytics.settings import get_settings
-from tasks.common import PermanentError
 
 if TYPE_CHECKING:
     from distributed import Client

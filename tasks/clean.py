@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from crm_analytics.artifacts import StageResult
 from crm_analytics.distributed import executor_metrics, stage_client
+from crm_analytics.frames import exact_duplicate_rows
 from crm_analytics.parameters import RunSpec
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import LINEAGE_COLUMNS
@@ -45,28 +46,6 @@ class CleanOutput(NamedTuple):
     products: pd.DataFrame
     order_lines: pd.DataFrame
     stats: Stats
-
-
-def _colliding(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """Rows whose 64-bit hash over ``columns`` occurs more than once (floats hashed with -0.0 as 0.0)."""
-    hashed = pd.DataFrame({c: frame[c] + 0.0 if pd.api.types.is_float_dtype(frame[c]) else frame[c] for c in columns})
-    return pd.util.hash_pandas_object(hashed, index=False).duplicated(keep=False).to_numpy()
-
-
-def exact_duplicate_rows(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """Rows equal to an earlier row in ``columns`` (``DataFrame.duplicated(keep="first")``), exactly.
-
-    Two equal rows agree on any subset of the columns, so candidates are narrowed in steps that each keep every
-    duplicate: rows whose hash over the numeric and time columns collides (cheap to hash), then those whose hash
-    over all columns does (text hashing costs ~0.2 us a value, paid on the candidates only); the few left are
-    compared value by value."""
-    cheap = [c for c in columns if not (pd.api.types.is_string_dtype(frame[c]) or frame[c].dtype == object)]
-    candidate = np.flatnonzero(_colliding(frame, cheap if cheap else columns))
-    if cheap and len(cheap) < len(columns) and len(candidate):
-        candidate = candidate[_colliding(frame.iloc[candidate], columns)]
-    duplicate = np.zeros(len(frame), dtype=bool)
-    duplicate[candidate] = frame[columns].iloc[candidate].duplicated(keep="first").to_numpy()
-    return duplicate
 
 
 def drop_exact_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:

@@ -1,4 +1,6 @@
-"""Evaluate a Great Expectations suite on a DataFrame: which rows fail which expectation.
+"""Evaluate a Great Expectations suite on a DataFrame: which rows fail which expectation. ``row_failures`` (a
+copy of a row takes its first copy's verdict) and ``origin_rows_passing`` are shared by validation and by
+ingest's derived entities, which are built only from rows validation will keep.
 
 The JSON suites in ``expectations/`` are the single source of truth. Two engines read them:
 
@@ -28,6 +30,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from crm_analytics.frames import first_copies
+from crm_analytics.parameters import ValidationOptions, as_of_end
 from crm_analytics.settings import get_settings
 from tasks.common import PermanentError
 
@@ -37,6 +41,8 @@ SMALL_VALUE_SET = 1_000  # value sets up to this size go to GX as written
 # GX's cost is per expectation and per value-set entry far more than per row: 5,000 sampled rows re-check
 # every compiled expectation for a few seconds, whatever the size of the frame.
 CROSS_CHECK_ROWS = 5_000
+UNIQUENESS_EXPECTATIONS = {"expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique"}
+REFERENCES = "references"  # expectation meta: the check is of a key of that entity (validated before this one)
 PLACEHOLDER = re.compile(r"\{(\w+)\}")  # "{earliest_date}" in a reason: that parameter's value
 
 
@@ -330,3 +336,53 @@ def evaluate_suite(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[
     checked = cross_check(frame, suite, compiled, parameters, cross_check_rows)
     return failures, {"engine": "compiled", "compiled_expectations": len(compiled),
                       "gx_expectations": len(residual), "cross_checked_rows": checked}
+
+
+# ---- rows of a frame against its entity's suite (validation, and ingest's derived entities) -------------------
+def suite_parameters(as_of: date, earliest_date: date | None = None, **extra: Any) -> dict[str, Any]:
+    """Values for the ``$PARAMETER`` placeholders in the suites (no key is quarantined upstream unless given)."""
+    earliest = earliest_date or ValidationOptions.model_fields["earliest_date"].default
+    if earliest > as_of:
+        raise PermanentError(f"validation.earliest_date {earliest} is after the as-of date {as_of}: every dated row "
+                             "would be quarantined; choose a later as-of date or an earlier validation.earliest_date")
+    return {"as_of_end": as_of_end(as_of), "as_of_year": as_of.year,
+            "earliest_date": pd.Timestamp(earliest, tz="UTC"),
+            "quarantined_customer_ids": [], "quarantined_product_ids": [], **extra}
+
+
+def row_failures(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any], engine: Engine = "compiled",
+                 cross_check_rows: int = CROSS_CHECK_ROWS) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Per reason, the boolean mask of the rows of ``frame`` (positions) failing it, and how it was evaluated.
+
+    Uniqueness is judged on distinct rows: an exact duplicate is not a conflicting key (the clean stage
+    drops it and counts it); it gets the verdict of its first copy (``crm_analytics.frames.first_copies``).
+    """
+    frame = frame.reset_index(drop=True)
+    data_columns = [c for c in frame.columns if not c.startswith("_")]
+    if any(e["type"] in UNIQUENESS_EXPECTATIONS for e in suite["expectations"]):
+        representative = first_copies(frame, data_columns)  # exact: a hash collision merges no rows
+        checked = frame[representative == np.arange(len(frame))]
+    else:
+        representative = frame.index.to_numpy()
+        checked = frame
+    failures, evaluation = evaluate_suite(checked, suite, parameters, engine, cross_check_rows)
+    masks = {}
+    for reason, labels in failures.items():  # labels are positions after reset_index
+        hit = np.zeros(len(frame), dtype=bool)
+        hit[np.asarray(labels, dtype=np.int64)] = True
+        masks[reason] = hit[representative]  # every row takes the verdict of its representative copy
+    return masks, evaluation
+
+
+def origin_rows_passing(frame: pd.DataFrame, entity: str, as_of: date,
+                        earliest_date: date | None = None) -> np.ndarray:
+    """Rows of ``entity`` that pass its suite's own checks (not those against other entities): the rows an
+    entity derived from it may be built from. Compiled engine, no GX cross-check (validation does that later)."""
+    suite = load_suite(entity)
+    own = [e for e in suite["expectations"] if REFERENCES not in (e.get("meta") or {})]
+    masks, _ = row_failures(frame, {**suite, "expectations": own}, suite_parameters(as_of, earliest_date),
+                            cross_check_rows=0)
+    failed = np.zeros(len(frame), dtype=bool)
+    for hit in masks.values():
+        failed |= hit
+    return ~failed

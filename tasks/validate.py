@@ -24,24 +24,32 @@ import pandas as pd
 
 from crm_analytics.artifacts import StageResult
 from crm_analytics.mapping import SourceMapping, load_mapping, mapping_fingerprint
-from crm_analytics.parameters import RunSpec, ValidationOptions, as_of_end
+from crm_analytics.parameters import RunSpec, ValidationOptions
 from crm_analytics.privacy import ALWAYS_PERSONAL, pseudonym_key, pseudonymise
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON, SOURCE_FILE, SOURCE_LINE, SOURCE_LINES
-from tasks.common import DataQualityError, PermanentError, stage_logger, stage_task
-from tasks.suites import CROSS_CHECK_ROWS, Engine, evaluate_suite, load_suite, reason_of
+from tasks.common import DataQualityError, stage_logger, stage_task
+from tasks.suites import (
+    CROSS_CHECK_ROWS,
+    REFERENCES,
+    Engine,
+    load_suite,
+    origin_rows_passing,
+    reason_of,
+    row_failures,
+    suite_parameters,
+)
 
 __all__ = ["ValidationOutcome", "cascade_summary", "check_gates", "check_quarantine_rate", "gate_failure",
            "load_suite", "origin_rows_passing", "publishable_outcomes", "suite_parameters", "validate", "validate_all",
            "validate_entity", "validation_metrics"]
 
-UNIQUENESS_EXPECTATIONS = {"expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique"}
 # Expectations whose failing rows are reported with their value: the value is what is wrong with them. Null
 # checks have no value to show, and a uniqueness failure is about other rows too.
 VALUE_EXPECTATIONS = {"expect_column_values_to_be_between", "expect_column_values_to_be_in_set",
                       "expect_column_values_to_not_be_in_set", "expect_column_values_to_match_regex"}
 SHOWN_CHARACTERS = 40
-REFERENCES, CASCADE = "references", "cascade"  # expectation meta: checks a key of that entity; fails its quarantine
+CASCADE = "cascade"  # expectation meta: a failure quarantines the rows referring to this key (see REFERENCES)
 ENTITY_KEYS = {"customers": "customer_id", "products": "product_id"}
 ROW_NOUNS = {"order_lines": "lines", "churn_labels": "labels"}
 
@@ -57,17 +65,6 @@ class ValidationOutcome(NamedTuple):
 
 
 # ---- pure core ------------------------------------------------------------------------------------------
-def suite_parameters(as_of: date, earliest_date: date | None = None, **extra: Any) -> dict[str, Any]:
-    """Values for the ``$PARAMETER`` placeholders in the suites (no key is quarantined upstream unless given)."""
-    earliest = earliest_date or ValidationOptions.model_fields["earliest_date"].default
-    if earliest > as_of:
-        raise PermanentError(f"validation.earliest_date {earliest} is after the as-of date {as_of}: every dated row "
-                             "would be quarantined; choose a later as-of date or an earlier validation.earliest_date")
-    return {"as_of_end": as_of_end(as_of), "as_of_year": as_of.year,
-            "earliest_date": pd.Timestamp(earliest, tz="UTC"),
-            "quarantined_customer_ids": [], "quarantined_product_ids": [], **extra}
-
-
 def shown_value(value: Any) -> str:
     """A failing value as a reason shows it: text quoted and cut short, numbers and times as written."""
     if isinstance(value, str):
@@ -88,33 +85,6 @@ def _value_columns(suite: dict[str, Any], parameters: dict[str, Any], personal: 
     hidden = {*personal, *ALWAYS_PERSONAL}  # e-mail addresses are never shown, even where not declared personal
     return {reason: next(iter(c)) for reason, c in columns.items()
             if len(c) == 1 and None not in c and next(iter(c)) not in hidden}
-
-
-def row_failures(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any], engine: Engine = "compiled",
-                 cross_check_rows: int = CROSS_CHECK_ROWS) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Per reason, the boolean mask of the rows of ``frame`` (positions) failing it, and how it was evaluated.
-
-    Uniqueness is judged on distinct rows: an exact duplicate is not a conflicting key (the clean stage
-    drops it and counts it); it gets the verdict of its first copy.
-    """
-    frame = frame.reset_index(drop=True)
-    data_columns = [c for c in frame.columns if not c.startswith("_")]
-    if any(e["type"] in UNIQUENESS_EXPECTATIONS for e in suite["expectations"]):
-        row_hash = pd.util.hash_pandas_object(frame[data_columns], index=False)
-        duplicate = row_hash.duplicated(keep="first")
-        first_label = pd.Series(row_hash.index[~duplicate], index=row_hash[~duplicate].to_numpy())
-        representative = row_hash.map(first_label).to_numpy()
-        checked = frame[~duplicate.to_numpy()]
-    else:
-        representative = frame.index.to_numpy()
-        checked = frame
-    failures, evaluation = evaluate_suite(checked, suite, parameters, engine, cross_check_rows)
-    masks = {}
-    for reason, labels in failures.items():  # labels are positions after reset_index
-        hit = np.zeros(len(frame), dtype=bool)
-        hit[np.asarray(labels, dtype=np.int64)] = True
-        masks[reason] = hit[representative]  # every row takes the verdict of its representative copy
-    return masks, evaluation
 
 
 def validate_entity(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[str, Any],
@@ -226,20 +196,6 @@ def validate_all(frames: dict[str, pd.DataFrame], mapping: SourceMapping, as_of:
                                  f"{len(outcome.quarantine)} quarantined")
         outcomes[entity] = outcome
     return outcomes
-
-
-def origin_rows_passing(frame: pd.DataFrame, entity: str, as_of: date,
-                        earliest_date: date | None = None) -> np.ndarray:
-    """Rows of ``entity`` that pass its suite's own checks (not those against other entities): the rows an
-    entity derived from it may be built from. Compiled engine, no GX cross-check (validation does that later)."""
-    suite = load_suite(entity)
-    own = [e for e in suite["expectations"] if REFERENCES not in (e.get("meta") or {})]
-    masks, _ = row_failures(frame, {**suite, "expectations": own}, suite_parameters(as_of, earliest_date),
-                            cross_check_rows=0)
-    failed = np.zeros(len(frame), dtype=bool)
-    for hit in masks.values():
-        failed |= hit
-    return ~failed
 
 
 def publishable_outcomes(outcomes: dict[str, ValidationOutcome], mapping: SourceMapping,

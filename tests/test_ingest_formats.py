@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.ingest as ingest
+import tasks.ingest.text_files as ingest
 from crm_analytics.mapping import EntitySource, SourceMapping
 from tasks.common import SourceSchemaError
 from tasks.ingest import (

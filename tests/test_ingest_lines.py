@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.ingest as ingest
+import tasks.ingest.readers as ingest
 from crm_analytics.mapping import CsvOptions, EntitySource, SourceMapping
 from crm_analytics.schema import PARSE_ERRORS, QUARANTINE_REASON, SOURCE_FILE, SOURCE_LINE, SOURCE_LINES
 from tasks.clean import drop_exact_duplicates
 from tasks.common import SourceSchemaError
 from tasks.ingest import count_data_lines, ingest_metrics, parse_entity, read_source_text
-from tasks.source_lines import line_table, place_records
+from tasks.ingest.lines import line_table, place_records
 from tasks.validate import load_suite, suite_parameters, validate_entity
 
 SECRET = "zoe.private@example.com"  # a planted personal value: it must never appear in a message

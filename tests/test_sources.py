@@ -217,7 +217,7 @@ def test_a_landing_file_with_different_columns_is_named(tmp_path):
 @pytest.mark.integration
 def test_transient_read_errors_are_retried_and_permanent_ones_are_not(sample_root, prefect_server, monkeypatch,
                                                                     tmp_path):
-    import tasks.ingest as ingest_module
+    import tasks.ingest.stage as ingest_module
 
     shutil.copytree(sample_root / "landing", tmp_path / "landing")  # no earlier run here: ingest must read
 

@@ -1,0 +1,231 @@
+"""The ingest stage: every entity read (locally, or in file batches on a Dask cluster), parsed or derived; its
+metrics; the fingerprint of what it reads; and the Prefect task edge writing ``raw/<entity>.parquet``."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from crm_analytics.artifacts import StageResult
+from crm_analytics.distributed import executor_metrics, partition_count, stage_client
+from crm_analytics.frames import exact_duplicate_rows
+from crm_analytics.mapping import (
+    EntitySource,
+    SourceMapping,
+    load_mapping,
+    mapping_fingerprint,
+    resolve_mapping_path,
+    select_files,
+)
+from crm_analytics.parameters import RunSpec
+from crm_analytics.privacy import check_declared_personal_data
+from crm_analytics.schema import PARSE_ERRORS, SOURCE_FILE, SOURCE_LINE, SOURCE_LINES
+from tasks.common import IO_RETRY, stage_logger, stage_task
+from tasks.ingest.columns import VALUE_LIKE, column_use, shown_columns
+from tasks.ingest.derive import derive_entity
+from tasks.ingest.history import History, file_states, load_history, reusable_history
+from tasks.ingest.lines import FIELD_COUNT, MULTILINE, NO_FINAL_NEWLINE
+from tasks.ingest.parse import empty_entity, parse_entity
+from tasks.ingest.sources import read_files, read_query
+from tasks.ingest.text_files import source_columns
+
+
+def parse_files(entity: str, mapping: SourceMapping, landing: Path, as_of: date, files: list[Path],
+                like: Path | None = None) -> pd.DataFrame:
+    """Read ``files`` of ``entity`` and parse them: the unit of work of both the local and the partitioned path."""
+    source = mapping.entities[entity]
+    text = read_files(entity, source, landing, as_of, files, like)
+    return parse_entity(text, entity, mapping, f"{entity} files {source.files!r}")
+
+
+FileParser = Callable[[str, SourceMapping, Path, date, list[Path]], pd.DataFrame]
+
+
+def file_batches(files: list[Path], batches: int) -> list[list[Path]]:
+    """``files`` cut, in order, into at most ``batches`` runs of about equal bytes."""
+    sizes = np.array([p.stat().st_size for p in files], dtype=np.float64) + 1.0
+    edges = np.searchsorted(np.cumsum(sizes), np.arange(1, batches) * sizes.sum() / batches, side="left")
+    bounds = [0, *sorted({int(e) + 1 for e in edges if 0 <= e < len(files) - 1}), len(files)]
+    return [files[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def partitioned_parser(client: Any, partitions: int) -> FileParser:
+    """``parse_files`` run on a Dask cluster: an entity's files in contiguous batches, one task per batch.
+
+    Batches, not single files: a daily export has hundreds of small files, and a task per file costs more in
+    scheduling than its parsing. Four batches per partition keep the workers evenly busy. The batches come
+    back in file order, so the concatenation equals a local read (a batch checks its files' columns against
+    the entity's first file, as a local read does).
+    """
+
+    def parse(entity: str, mapping: SourceMapping, landing: Path, as_of: date, files: list[Path]) -> pd.DataFrame:
+        if len(files) < 2:
+            return parse_files(entity, mapping, landing, as_of, files)
+        batches = file_batches(files, 4 * partitions)
+        futures = client.map(parse_files, [entity] * len(batches), [mapping] * len(batches),
+                             [landing] * len(batches), [as_of] * len(batches), batches, like=files[0])
+        return pd.concat(client.gather(futures), ignore_index=True)
+
+    return parse
+
+
+def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_override: str | None = None,
+               history: dict[str, History] | None = None, parse: FileParser = parse_files,
+               earliest_date: date | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
+    """Every entity of the mapping, read or derived, parsed and typed.
+
+    ``earliest_date`` is the validation's (``ValidationOptions.earliest_date``): a derived entity comes only from
+    origin rows that validation will keep, so it must judge dates by the same bound.
+
+    ``history`` (daily-file entities only) holds an earlier run's parsed rows: when its files are unchanged,
+    only the new days' files are read and parsed, and the result equals a full read.
+    ``parse`` reads and parses one entity's files: ``parse_files`` here, or the same split into batches on
+    a Dask cluster (``partitioned_parser``); derived and SQL entities are
+    always built here (a derivation groups the whole origin entity; a query is one read).
+    Returns the frames and, per entity, the files read and how (``full`` or ``incremental``).
+    """
+    landing = mapping.landing_path(data_root, landing_override)
+    frames: dict[str, pd.DataFrame] = {}
+    sources: dict[str, dict] = {}
+    for entity in mapping.read_order():
+        source = mapping.entities[entity]
+        if source.derive is not None:
+            frames[entity] = derive_entity(frames[source.derive.from_entity], entity, mapping, as_of, earliest_date)
+            continue
+        if source.query is not None:
+            text = read_query(entity, source, mapping.database, as_of)
+            frames[entity] = parse_entity(text, entity, mapping, f"{entity} query")
+            sources[entity] = {"mode": "query", "files": {}}
+            continue
+        files = select_files(landing, source, as_of, entity)
+        previous = (history or {}).get(entity)
+        if source.daily and reusable_history(previous, files):
+            new_files = [p for p in files if str(p) not in previous.files]
+            parts = [previous.frame]
+            if new_files:
+                parts.append(parse(entity, mapping, landing, as_of, new_files))
+            frames[entity] = pd.concat(parts, ignore_index=True) if len(parts) > 1 else previous.frame
+            sources[entity] = {"mode": "incremental", "new_files": len(new_files), "files": file_states(files)}
+        else:
+            frames[entity] = parse(entity, mapping, landing, as_of, files)
+            sources[entity] = {"mode": "full", "files": file_states(files)}
+    for entity in ("products", "order_lines"):
+        if entity not in frames:
+            frames[entity] = empty_entity(entity, mapping)
+            sources[entity] = {"mode": "absent", "files": {}}
+    check_declared_personal_data(frames, mapping)  # an undeclared e-mail or phone column stops the run here
+    return frames, sources
+
+
+def landing_fingerprint(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
+                        **_: Any) -> str | None:
+    """What ingest reads, cheaply: the mapping's text and each selected file's name, size and change time.
+
+    ``None`` (never reuse) when an entity comes from SQL: a table's content has no cheap fingerprint.
+    """
+    mapping = load_mapping(mapping_name)
+    if any(source.query for source in mapping.entities.values()):
+        return None
+    landing = mapping.landing_path(run.data_root, landing_dir)
+    parts = [resolve_mapping_path(mapping_name).read_text()]
+    for entity, source in mapping.entities.items():
+        if source.files:
+            for path in select_files(landing, source, run.as_of, entity):
+                stat = path.stat()
+                parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource) -> dict[str, object]:
+    """Counts a person checks against the export's known facts (rows, duplicates, keys, cancellations)."""
+    data_columns = [c for c in frame.columns if not c.startswith("_")]
+    files = frame[SOURCE_FILE].unique().tolist()
+    metrics: dict[str, object] = {
+        "rows": len(frame),
+        "files": len(files),
+        "first_file": str(files[0]) if files else None,
+        "last_file": str(files[-1]) if files else None,
+        "unparseable_rows": int(frame[PARSE_ERRORS].notna().sum()),
+        "exact_duplicate_rows": int(exact_duplicate_rows(frame, data_columns).sum()),  # as the clean stage drops them
+        **line_metrics(frame, source),
+    }
+    if "customer_id" in frame.columns:
+        metrics["rows_with_customer_id"] = int(frame["customer_id"].notna().sum())
+        metrics["distinct_customer_ids"] = int(frame["customer_id"].nunique())
+    if entity == "order_lines":
+        metrics["negative_quantity_rows"] = int((frame["quantity"] < 0).sum())
+        if source.cancellation_prefix:
+            metrics["cancellation_rows"] = int(frame["order_id"].str.startswith(source.cancellation_prefix).sum())
+    return metrics
+
+
+def line_metrics(frame: pd.DataFrame, source: EntitySource) -> dict[str, int]:
+    """The lines the rows came from: ``data_lines`` (non-blank lines after the header, summed over the files:
+    equal to each file's independent count, which the read checked; for Parquet, SQL and derived entities the
+    rows), rows over several lines, rows with a wrong field count, and last lines without a line break."""
+    records = frame if source.format != "baskets" else frame.drop_duplicates([SOURCE_FILE, SOURCE_LINE])
+    lines = records[SOURCE_LINES] if SOURCE_LINES in records.columns else pd.Series(1, index=records.index)
+    errors = frame[PARSE_ERRORS].astype("string")
+    multi = errors.str.contains(MULTILINE, regex=False) & (lines > 1)
+    return {
+        "data_lines": int(lines.sum()),
+        "multiline_rows": int((lines > 1).sum()),
+        "multiline_rows_flagged": int(multi.fillna(False).sum()),
+        "bad_field_count_rows": int(errors.str.contains(FIELD_COUNT, regex=False).fillna(False).sum()),
+        "unterminated_last_lines": int(errors.str.contains(NO_FINAL_NEWLINE, regex=False).fillna(False).sum()),
+    }
+
+
+def column_report(entity: str, mapping: SourceMapping, path: Path) -> tuple[dict[str, object], list[str]]:
+    """Ingest metrics on how a file's header met the mapping (``renamed_columns``: mapped name -> the header's
+    spelling, found by ignoring case and blanks; ``unused_columns``), and the warnings to log about it. Column
+    names only: they are not personal data, values are."""
+    use = column_use(source_columns(path, mapping.source(entity)), entity, mapping, f"{entity}: {path}")
+    unused = ["<value?>" if VALUE_LIKE.fullmatch(c) else c for c in use.unused]
+    warnings = [f"{entity}: {path} has no column {name!r} but has {found!r}; using it (map it in columns: to "
+                "silence this)" for name, found in use.renamed.items()]
+    if use.absent and use.unused:
+        warnings.append(f"{entity}: {path} has no column for optional {use.absent} (left empty), but has columns "
+                        f"nothing uses: {shown_columns(use.unused)}; map one in columns: if it is meant")
+    return {"renamed_columns": use.renamed, "unused_columns": unused}, warnings
+
+
+@stage_task("ingest", fingerprint_extra=landing_fingerprint, **IO_RETRY)
+def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
+           earliest_date: date | None = None) -> StageResult:
+    """Read every entity through the mapping into ``raw/<entity>.parquet`` (``earliest_date``: see ``ingest_all``)."""
+    log = stage_logger()
+    mapping = load_mapping(mapping_name)
+    store = run.store
+    with stage_client() as client:
+        parse = parse_files if client is None else partitioned_parser(client, partition_count(client))
+        frames, sources = ingest_all(mapping, run.data_root, run.as_of, landing_dir,
+                                     history=load_history(run, mapping, mapping_name, landing_dir), parse=parse,
+                                     earliest_date=earliest_date)
+        ran_on = executor_metrics(client)
+    artifacts, metrics = {}, {}
+    for entity, frame in frames.items():
+        artifacts[entity] = store.write_frame("raw", entity, frame)
+        metrics[entity] = ingest_metrics(frame, entity, mapping.source(entity))
+        if entity in sources:
+            metrics[entity]["read"] = sources[entity]["mode"]
+        if files := list(sources.get(entity, {}).get("files", {})):
+            report, warnings = column_report(entity, mapping, Path(files[0]))
+            metrics[entity].update(report)
+            for warning in warnings:
+                log.warning(warning)
+        log.info("ingested %s: %d rows from %d source(s) (%s)", entity, len(frame), metrics[entity]["files"],
+                 sources.get(entity, {}).get("mode", "derived"))
+    artifacts["sources"] = store.write_json("raw", "sources", {
+        "mapping": mapping_fingerprint(mapping_name),
+        "landing": str(mapping.landing_path(run.data_root, landing_dir)),
+        "entities": sources,
+    })
+    return StageResult(stage="ingest", artifacts=artifacts, metrics={"mapping": mapping.name, "entities": metrics,
+                                                                     "executor": ran_on})

@@ -1,0 +1,45 @@
+"""The one exact duplicate-row definition (``crm_analytics.frames``), and validation using it: a 64-bit hash
+collision must never give a row another row's verdict."""
+
+from datetime import date
+
+import numpy as np
+import pandas as pd
+
+from crm_analytics.frames import exact_duplicate_rows, first_copies
+from tasks.validate import load_suite, suite_parameters, validate_entity
+from tests.test_validate import _customers
+
+
+def _constant_hash(monkeypatch) -> None:
+    """Every row hashes alike: only the exact comparison can tell rows apart."""
+    monkeypatch.setattr(pd.util, "hash_pandas_object",
+                        lambda f, index=False: pd.Series(np.zeros(len(f), dtype=np.uint64)))
+
+
+ROWS = [
+    ("c1", "2024-01-01", 1980),
+    ("c2", "2024-01-01", 1850),  # implausible birth year: quarantined, whatever row 1 says
+    ("c1", "2024-01-01", 1980),  # exact copy of row 1: kept, with row 1's verdict
+    ("c3", "2024-01-01", 1990),
+    ("c3", "2024-03-01", 1990),  # same id, different data: both quarantined
+]
+
+
+def test_first_copies_name_each_rows_first_exact_copy_with_duplicated_semantics():
+    frame = pd.DataFrame({"x": [0.0, -0.0, np.nan, np.nan, 1.0, 0.0],
+                          "s": pd.array(["a", "a", None, None, "b", "c"], dtype="string")})
+    assert first_copies(frame, ["x", "s"]).tolist() == [0, 0, 2, 2, 4, 5]
+    np.testing.assert_array_equal(exact_duplicate_rows(frame, ["x", "s"]), frame.duplicated(keep="first"))
+
+
+def test_validation_gives_each_row_its_own_verdict_when_every_row_hash_collides(monkeypatch):
+    suite, parameters = load_suite("customers"), suite_parameters(date(2025, 1, 31))
+    expected = validate_entity(_customers(ROWS), suite, parameters)
+    assert expected.valid["customer_id"].tolist() == ["c1", "c1"]
+    assert expected.quarantine["customer_id"].tolist() == ["c2", "c3", "c3"]
+    _constant_hash(monkeypatch)
+    collided = validate_entity(_customers(ROWS), suite, parameters)  # a hash-only comparison merged all five
+    pd.testing.assert_frame_equal(collided.valid, expected.valid)
+    pd.testing.assert_frame_equal(collided.quarantine, expected.quarantine)
+    assert collided.reason_counts == expected.reason_counts
