@@ -188,13 +188,14 @@ class RunStore:
         """The idempotency key recorded by this run if it is complete (see ``parameters.idempotency_key``)."""
         return self.read_manifest().get("idempotency_key") if self.is_complete() else None
 
-    def artifact(self, stage: str, name: str) -> ArtifactRef | None:
-        """An artifact of this complete run as its manifest recorded it (``None`` if it has none by that name):
-        how a later run reads an earlier run's outputs without knowing where they lie."""
-        recorded = self.read_manifest().get("artifacts", {}).get(f"{stage}/{name}") if self.is_complete() else None
+    def artifact(self, folder: str, name: str) -> ArtifactRef | None:
+        """An artifact of this complete run as its manifest recorded it, by the folder its stage writes (``raw``,
+        ``segments``, ``churn``, ...) and its name; ``None`` if it has none: how a later run reads an earlier run's
+        outputs without knowing where they lie."""
+        recorded = self.read_manifest().get("artifacts", {}).get(f"{folder}/{name}") if self.is_complete() else None
         if recorded is None:
             return None
-        return ArtifactRef(stage=stage, name=name, path=str(self.run_dir / recorded["path"]),
+        return ArtifactRef(stage=folder, name=name, path=str(self.run_dir / recorded["path"]),
                            **{k: recorded[k] for k in ("kind", "rows", "schema_fingerprint", "content_hash", "bytes")})
 
     # ---- stage records: what makes a stage resumable -------------------------------------------------------

@@ -3,7 +3,6 @@ when those are unchanged, so tonight reads only the new days' files."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,17 +42,18 @@ def load_history(run: RunSpec, mapping: SourceMapping, mapping_name: str,
     """The latest earlier complete run's raw rows of daily-file entities, if it read the same landing folder
     through the same mapping: tonight then reads only the new days' files ("yesterday's compacted history")."""
     previous = run.store.previous_complete()
-    if previous is None or not previous.path("raw", "sources.json").exists():
+    sources = previous.artifact("raw", "sources") if previous is not None else None
+    if sources is None:
         return {}
-    recorded = json.loads(previous.path("raw", "sources.json").read_text())
+    recorded = previous.read_json(sources)
     landing = str(mapping.landing_path(run.data_root, landing_dir))
     if recorded.get("mapping") != mapping_fingerprint(mapping_name) or recorded.get("landing") != landing:
         return {}
     history = {}
     for entity, source in mapping.entities.items():
-        raw = previous.path("raw", f"{entity}.parquet")
+        raw = previous.artifact("raw", entity)
         files = recorded.get("entities", {}).get(entity, {}).get("files")
         # Rows of a run before ``_source_lines`` existed cannot stand in for a read: read their files again.
-        if source.daily and files and raw.exists() and SOURCE_LINES in pq.read_schema(raw).names:
-            history[entity] = History(pq.read_table(raw).to_pandas(), files)
+        if source.daily and files and raw is not None and SOURCE_LINES in pq.read_schema(raw.file).names:
+            history[entity] = History(previous.read_frame(raw), files)
     return history
