@@ -189,14 +189,24 @@ class RunStore:
         return self.read_manifest().get("idempotency_key") if self.is_complete() else None
 
     def artifact(self, folder: str, name: str) -> ArtifactRef | None:
-        """An artifact of this complete run as its manifest recorded it, by the folder its stage writes (``raw``,
-        ``segments``, ``churn``, ...) and its name; ``None`` if it has none: how a later run reads an earlier run's
-        outputs without knowing where they lie."""
-        recorded = self.read_manifest().get("artifacts", {}).get(f"{folder}/{name}") if self.is_complete() else None
-        if recorded is None:
+        """A table or JSON artifact of this complete run, by the folder its stage writes (``raw``, ``segments``,
+        ``churn``, ...) and its name, as its manifest recorded it; ``None`` if the run is incomplete or has none.
+        How a later run reads an earlier run's outputs without knowing where they lie. A run folder whose
+        manifest does not list it (written by hand, or before manifests listed artifacts) is read by the layout."""
+        if not self.is_complete():
             return None
-        return ArtifactRef(stage=folder, name=name, path=str(self.run_dir / recorded["path"]),
-                           **{k: recorded[k] for k in ("kind", "rows", "schema_fingerprint", "content_hash", "bytes")})
+        recorded = self.read_manifest().get("artifacts", {}).get(f"{folder}/{name}")
+        if recorded is not None:
+            return ArtifactRef(stage=folder, name=name, path=str(self.run_dir / recorded["path"]),
+                               **{k: recorded[k] for k in ("kind", "rows", "schema_fingerprint", "content_hash",
+                                                           "bytes")})
+        if (table := self.path(folder, f"{name}.parquet")).exists():
+            schema = pq.read_schema(table)
+            return self._ref(folder, name, table, "parquet", rows=pq.read_metadata(table).num_rows,
+                             schema_fingerprint=schema_fingerprint(schema))
+        if (document := self.path(folder, f"{name}.json")).exists():
+            return self._ref(folder, name, document, "json")
+        return None
 
     # ---- stage records: what makes a stage resumable -------------------------------------------------------
     def stage_record_path(self, stage: str) -> Path:

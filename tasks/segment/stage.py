@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 import pandas as pd
@@ -20,18 +19,18 @@ SEGMENT_FILES = ("assignments.parquet", "profiles.parquet", "centroids.parquet",
 
 
 def read_previous(store: RunStore) -> PreviousSegments | None:
-    """The previous complete run's segments, read by path (its artifacts are not tonight's inputs)."""
+    """The previous complete run's segments, read through its manifest (its artifacts are not tonight's inputs)."""
     previous = store.previous_complete()
-    if previous is None or not previous.path("segments", "assignments.parquet").exists():
+    if previous is None or (assignments := previous.artifact("segments", "assignments")) is None:
         return None
 
     def frame(name: str) -> pd.DataFrame:
-        path = previous.path("segments", f"{name}.parquet")
-        return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=["segment_id", "segment_name"])
+        ref = previous.artifact("segments", name)
+        return previous.read_frame(ref) if ref is not None else pd.DataFrame(columns=["segment_id", "segment_name"])
 
-    identity_path = previous.path("segments", "identity.json")
-    identity = json.loads(identity_path.read_text()) if identity_path.exists() else {}
-    return PreviousSegments(previous.as_of, frame("assignments"), frame("profiles"), frame("centroids"), identity)
+    identity = previous.artifact("segments", "identity")
+    return PreviousSegments(previous.as_of, previous.read_frame(assignments), frame("profiles"), frame("centroids"),
+                            previous.read_json(identity) if identity is not None else {})
 
 
 def previous_fingerprint(run: RunSpec, **_: Any) -> str:
