@@ -12,7 +12,8 @@ to one champion/challenger core (``champion``). The modules, bottom up:
   the two trainers; ``report``: the report text and figures; ``stage``: the Prefect task edge.
 
 Every public name of the former single module is re-exported here, and saved models keep naming the stage's
-own types ``tasks.churn.<name>`` (see ``models``), so files written before the split still load.
+own types ``tasks.churn.<name>`` (see ``models``), so files written before the split still load: keep
+``BalancedClassifier``, ``MeanEnsemble`` and ``signed_log1p`` importable from here.
 """
 
 from tasks.churn.bgnbd import BGNBD_FIT_ROWS, bgnbd_features, fit_bgnbd, repeat_purchase_summary

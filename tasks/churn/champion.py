@@ -28,6 +28,8 @@ from tasks.churn.model_files import TRUSTED_TYPES, UntrustedModelError, estimato
 
 
 class ChurnOutput(NamedTuple):
+    """Everything a trainer returns for the edge to write: the frames, the metrics, the model and its sidecar."""
+
     training_set: pd.DataFrame
     validation_predictions: pd.DataFrame
     comparison: pd.DataFrame
@@ -47,7 +49,6 @@ class Champion(NamedTuple):
     model: Any
     metadata: dict
     trained_ids: frozenset[str] | None = None
-
 
 
 class Decision(NamedTuple):
