@@ -291,7 +291,7 @@ def _ablation_by_full_copies(model, frame, columns, typical):
 
 
 def test_batched_threaded_ablation_equals_the_definition_for_a_fitted_ensemble(monkeypatch):
-    import tasks.churn as churn
+    import tasks.churn.explanations as churn
 
     monkeypatch.setattr(churn, "ABLATION_BATCH_ROWS", 700)  # many batches over several threads
     monkeypatch.setattr(churn, "PREDICT_THREADS", 3)

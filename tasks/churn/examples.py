@@ -1,0 +1,126 @@
+"""Leakage-safe labels and training examples from transactions.
+
+At a cutoff C a customer who bought before C is a churner if they make no purchase in (C, C + h]; their
+features come from data before C only. Customers whose window (C, C + h] does not end by the as-of date D are
+unlabelled, never churners. The validation cutoff is D - h (labels end at D); training cutoffs end at D - 2h
+(labels end at D - h, where validation begins) and step back by the spacing: the model is always judged on a
+period after everything it learned from, as in production.
+"""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import numpy as np
+import pandas as pd
+
+from crm_analytics.parameters import ChurnOptions, as_of_end
+from tasks.churn.bgnbd import bgnbd_features, fit_bgnbd, repeat_purchase_summary
+from tasks.features import build_customer_features
+
+LABEL = "churned"
+ID = "customer_id"
+NON_FEATURES = {ID, LABEL, "cutoff", "split", "fold"}
+
+
+class ChurnNotPossible(ValueError):
+    """The data cannot support a churn model (too little history for the horizon, a single class): the stage
+    is skipped with this reason instead of failing the run, so the other stages' outputs still land."""
+
+
+
+def churn_labels(order_lines: pd.DataFrame, customer_ids: pd.Index, cutoff: date, horizon_days: int,
+                 known_until: date | None = None) -> pd.Series:
+    """1 if the customer makes no purchase in (end of ``cutoff``, end of ``cutoff`` + h], 0 if they do, and
+    <NA> (unlabelled) when that window ends after ``known_until``, the last day whose data we have.
+
+    Only lines inside the window are looked at: nothing after ``cutoff + h`` can influence a label.
+    """
+    if known_until is not None and cutoff + timedelta(days=horizon_days) > known_until:
+        return pd.Series(pd.NA, index=customer_ids, name=LABEL, dtype="Int64")
+    start, stop = as_of_end(cutoff), as_of_end(cutoff + timedelta(days=horizon_days))
+    window = order_lines[(order_lines["order_ts"] >= start) & (order_lines["order_ts"] < stop)
+                         & ~order_lines["is_return"]]
+    bought = pd.Index(window["customer_id"].unique())
+    return pd.Series((~customer_ids.isin(bought)).astype("int64"), index=customer_ids, name=LABEL, dtype="Int64")
+
+
+def active_customers(features: pd.DataFrame, active_within_days: int | None) -> pd.DataFrame:
+    """Customers who bought within the window before the boundary (all of them when the window is empty)."""
+    if active_within_days is None:
+        return features
+    return features[features["recency_days"] <= active_within_days].reset_index(drop=True)
+
+
+def churn_features(customers: pd.DataFrame, order_lines: pd.DataFrame, cutoff: date, horizon_days: int,
+                   top_categories: list[str] | None, active_within_days: int | None = None) -> pd.DataFrame:
+    """The features stage's table as of ``cutoff`` (from data before its end only), plus two churn-specific
+    views of the same past: the purchase rate over the time each customer has been observable (since signup,
+    or since the data begins for older customers, whose frequency over tenure would understate their rate),
+    and BG/NBD probabilities fitted on that same past."""
+    end = as_of_end(cutoff)
+    past = order_lines[order_lines["order_ts"] < end]
+    feats = build_customer_features(customers, past, cutoff, top_categories=top_categories)
+    summary = repeat_purchase_summary(past, end)
+    bgnbd = bgnbd_features(summary, fit_bgnbd(summary), horizon_days).reindex(feats[ID])
+    feats = active_customers(feats.assign(bgnbd_p_alive=bgnbd["bgnbd_p_alive"].to_numpy(),
+                                          bgnbd_p_silent=bgnbd["bgnbd_p_silent"].to_numpy()), active_within_days)
+    data_start = past["order_ts"].min()
+    signup = customers.drop_duplicates(ID).set_index(ID)["signup_date"].reindex(feats[ID])
+    start = signup.where(signup > data_start, data_start).fillna(data_start)
+    observed = ((end - start) / pd.Timedelta(days=1)).clip(lower=1.0).to_numpy()
+    return feats.assign(observed_days=observed,
+                        orders_per_observed_year=feats["frequency_orders"].to_numpy() / observed * 365.25)
+
+
+def labelled_examples(customers: pd.DataFrame, order_lines: pd.DataFrame, cutoff: date, horizon_days: int,
+                      top_categories: list[str] | None, known_until: date | None = None,
+                      active_within_days: int | None = None) -> pd.DataFrame:
+    """Features as of ``cutoff`` (from data before its end only) joined with the label of the next h days."""
+    feats = churn_features(customers, order_lines, cutoff, horizon_days, top_categories, active_within_days)
+    labels = churn_labels(order_lines, pd.Index(feats[ID]), cutoff, horizon_days, known_until)
+    return feats.assign(**{LABEL: labels.to_numpy(), "cutoff": pd.Timestamp(cutoff)})
+
+
+def training_population(customers: pd.DataFrame, order_lines: pd.DataFrame, max_customers: int,
+                        seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """At most about ``max_customers`` customers (and their lines) to learn from: a sample by a keyed hash of
+    the id, so a customer stays in or out from one night to the next and the sample grows with the base.
+
+    Model quality saturates long before a million customers while fitting cost does not; scoring uses
+    everyone."""
+    ids = customers[ID].drop_duplicates()
+    if len(ids) <= max_customers:
+        return customers, order_lines
+    hashed = pd.util.hash_pandas_object(ids, index=False, hash_key=f"churn-{seed:010d}"[:16]).to_numpy()
+    kept = pd.Index(ids[hashed < np.uint64(max_customers / len(ids) * 2.0 ** 64)])
+    return customers[customers[ID].isin(kept)], order_lines[order_lines[ID].isin(kept)]
+
+
+def plan_cutoffs(order_lines: pd.DataFrame, as_of: date, options: ChurnOptions) -> tuple[list[date], date]:
+    """Training cutoffs (oldest first) and the validation cutoff; a training cutoff needs h days of history."""
+    h = options.horizon_days
+    validation = as_of - timedelta(days=h)
+    latest = as_of - timedelta(days=2 * h)
+    wanted = [latest - timedelta(days=k * options.cutoff_spacing_days) for k in range(options.training_cutoffs)]
+    first_ts = order_lines["order_ts"].min()
+    usable = [c for c in wanted if pd.notna(first_ts) and first_ts < as_of_end(c - timedelta(days=h))]
+    if not usable:
+        raise ChurnNotPossible(
+            f"churn needs history from before {latest - timedelta(days=h)} for a {h}-day horizon at as-of {as_of} "
+            f"(latest training cutoff {latest}); the data starts at {first_ts}. Use a shorter horizon."
+        )
+    return sorted(usable), validation
+
+
+def top_categories_at(customers: pd.DataFrame, order_lines: pd.DataFrame, cutoff: date) -> list[str]:
+    """The category-mix columns the features stage picks from data before ``cutoff`` (no later knowledge)."""
+    past = order_lines[order_lines["order_ts"] < as_of_end(cutoff)]
+    feats = build_customer_features(customers, past, cutoff)
+    return [c.removeprefix("share_") for c in feats.columns if c.startswith("share_")]
+
+
+def numeric_feature_columns(frame: pd.DataFrame) -> list[str]:
+    """Every numeric or boolean column that is not an id, label or bookkeeping column, in frame order."""
+    return [c for c in frame.columns if c not in NON_FEATURES
+            and (pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c]))]

@@ -1,0 +1,121 @@
+"""The transactional trainer: labelled cutoffs from purchases, the models compared forward in time, the
+champion re-scored on the same validation cutoff, and every (active) customer scored as of D."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import pandas as pd
+
+from crm_analytics.parameters import ChurnOptions
+from tasks.churn.champion import (
+    Champion,
+    ChurnOutput,
+    Rescored,
+    challenger_scorer,
+    champion_problem,
+    champion_scorer,
+    churn_output,
+    hold_contest,
+)
+from tasks.churn.examples import (
+    ID,
+    LABEL,
+    ChurnNotPossible,
+    churn_features,
+    labelled_examples,
+    numeric_feature_columns,
+    plan_cutoffs,
+    top_categories_at,
+    training_population,
+)
+from tasks.churn.explanations import factor_candidates, global_importances, score_customers
+from tasks.churn.horizon import horizon_advice, interpurchase_gaps
+from tasks.churn.metrics import calibration_table, honest_metrics
+from tasks.churn.models import compare_models, comparison_table, model_frame, predict
+
+
+def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: date, options: ChurnOptions,
+                    seed: int, champion: Champion | None = None,
+                    no_champion_reason: str = "first run") -> ChurnOutput:
+    """Transaction-derived churn: build labelled cutoffs, compare the models forward in time, weigh the
+    challenger against the champion on the same validation, and score every (active) customer as of D."""
+    h = options.horizon_days
+    train_cutoffs, valid_cutoff = plan_cutoffs(order_lines, as_of, options)
+
+    learners, learner_lines = training_population(customers, order_lines, options.max_training_customers, seed)
+    categories = top_categories_at(learners, learner_lines, valid_cutoff)
+
+    def examples(cutoff: date, cats: list[str]) -> pd.DataFrame:
+        return labelled_examples(learners, learner_lines, cutoff, h, cats, known_until=as_of,
+                                 active_within_days=options.active_within_days)
+
+    train = pd.concat([examples(c, categories) for c in train_cutoffs], ignore_index=True).dropna(subset=[LABEL])
+    valid = examples(valid_cutoff, categories).dropna(subset=[LABEL]).reset_index(drop=True)
+    for name, frame in (("training", train), ("validation", valid)):
+        if frame[LABEL].nunique() < 2:
+            raise ChurnNotPossible(f"churn {name} examples have only one class; cannot train or validate")
+    numeric = numeric_feature_columns(valid)
+    fitted, predictions = compare_models(train, valid, numeric, [], options, seed)
+    y_valid = valid[LABEL].astype("int64").to_numpy()
+    comparison = comparison_table(y_valid, predictions, valid[ID], options)
+
+    def rescore(champion: Champion) -> Rescored | str:
+        """The champion on tonight's validation customers, its features built with its own category columns."""
+        problem = champion_problem(champion, "transactions", h, valid_cutoff, set(valid.columns) | {
+            f"share_{c}" for c in champion.metadata.get("top_categories", [])})
+        if problem is not None:
+            return problem
+        champion_cats = champion.metadata.get("top_categories", categories)
+        champion_valid = valid if champion_cats == categories else examples(valid_cutoff, champion_cats).dropna(
+            subset=[LABEL]).set_index(ID).loc[valid[ID]].reset_index()
+        missing = set(champion.metadata["numeric_features"]) - set(champion_valid.columns)
+        if missing:
+            return f"tonight's data lacks the champion's features {sorted(missing)}"
+        champion_p = predict(champion.model, champion_valid, champion.metadata["numeric_features"], [])
+        return Rescored(honest_metrics(y_valid, champion_p, valid[ID], options),
+                        comparison.loc[0].drop("model").to_dict(), champion_p, champion_valid)
+
+    contest = hold_contest(comparison, champion, rescore, no_champion_reason, options.promotion_tolerance)
+    if contest.rescored is not None:
+        predictions["champion"] = contest.rescored.probability
+
+    if contest.decision.promoted:
+        challenger = contest.challenger
+        scorer = challenger_scorer(contest, fitted[challenger], contest.challenger_metrics, "transactions", numeric,
+                                   [], options, {
+                                       "horizon_days": h, "top_categories": categories,
+                                       "training_cutoffs": [c.isoformat() for c in train_cutoffs],
+                                       "label_end": (train_cutoffs[-1] + timedelta(days=h)).isoformat(),
+                                       "validation_cutoff": valid_cutoff.isoformat(),
+                                       "trained_as_of": as_of.isoformat(), "training_rows": len(train)})
+        model_cats, p_valid, reference, measured = categories, predictions[challenger], train, valid
+    else:
+        scorer = champion_scorer(champion, contest, [], as_of.isoformat(),
+                                 {"validation_cutoff": valid_cutoff.isoformat(), **contest.champion_metrics})
+        model_cats = champion.metadata.get("top_categories", categories)
+        p_valid, reference = predictions["champion"], contest.rescored.rows
+        measured = reference
+
+    importances = global_importances(scorer.model, model_frame(measured, scorer.numeric, []), y_valid, seed)
+    current = churn_features(customers, order_lines, as_of, h, model_cats, options.active_within_days)
+    scores = score_customers(scorer.model, scorer.name, current, scorer.numeric, [], reference,
+                             scorer.metrics["threshold"], options,
+                             factor_candidates=factor_candidates(importances, len(current)))
+    gaps = interpurchase_gaps(learner_lines, as_of)  # a population statistic: the training sample suffices
+
+    validation_predictions = pd.DataFrame({ID: valid[ID], LABEL: y_valid, "probability": p_valid,
+                                           **{f"p_{k}": v for k, v in predictions.items()}})
+    protocol = {
+        "horizon_days": h,
+        "horizon": {**horizon_advice(gaps, h), "customers_measured": int(learners[ID].nunique()),
+                    "customers_total": int(customers[ID].nunique())},
+        "train_cutoff": train_cutoffs[-1].isoformat(),
+        "train_cutoffs": [c.isoformat() for c in train_cutoffs],
+        "validation_cutoff": valid_cutoff.isoformat(),
+        "train_rows": len(train),
+        "training_customers": f"{learners[ID].nunique()} of {customers[ID].nunique()}",
+    }
+    training_set = pd.concat([train.assign(split="train"), valid.assign(split="validation")], ignore_index=True)
+    return churn_output(contest, scorer, "transactions", options, protocol, {"features": scorer.numeric}, scores,
+                        training_set, validation_predictions, calibration_table(y_valid, p_valid), importances, gaps)
