@@ -188,11 +188,12 @@ class RunStore:
         """The idempotency key recorded by this run if it is complete (see ``parameters.idempotency_key``)."""
         return self.read_manifest().get("idempotency_key") if self.is_complete() else None
 
-    def artifact(self, folder: str, name: str) -> ArtifactRef | None:
+    def artifact(self, folder: str, name: str, filename: str | None = None) -> ArtifactRef | None:
         """A table or JSON artifact of this complete run, by the folder its stage writes (``raw``, ``segments``,
         ``churn``, ...) and its name, as its manifest recorded it; ``None`` if the run is incomplete or has none.
         How a later run reads an earlier run's outputs without knowing where they lie. A run folder whose
-        manifest does not list it (written by hand, or before manifests listed artifacts) is read by the layout."""
+        manifest does not list it (written by hand, or before manifests listed artifacts) is read by the layout:
+        ``<name>.parquet``, ``<name>.json``, or ``filename`` for an artifact written under another file name."""
         if not self.is_complete():
             return None
         recorded = self.read_manifest().get("artifacts", {}).get(f"{folder}/{name}")
@@ -200,6 +201,9 @@ class RunStore:
             return ArtifactRef(stage=folder, name=name, path=str(self.run_dir / recorded["path"]),
                                **{k: recorded[k] for k in ("kind", "rows", "schema_fingerprint", "content_hash",
                                                            "bytes")})
+        if filename is not None and (named := self.path(folder, filename)).exists():
+            kind = {".parquet": "parquet", ".json": "json", ".skops": "model"}.get(named.suffix, named.suffix[1:])
+            return self._ref(folder, name, named, kind)
         if (table := self.path(folder, f"{name}.parquet")).exists():
             schema = pq.read_schema(table)
             return self._ref(folder, name, table, "parquet", rows=pq.read_metadata(table).num_rows,

@@ -10,7 +10,6 @@ re-scored on them (``rescore``); the verdict, its one shape (``Decision``), the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from datetime import date
 from typing import Any, NamedTuple
@@ -213,18 +212,17 @@ def load_champion(previous: RunStore | None, label_source: str) -> tuple[Champio
     """The previous complete run's model and sidecar, or None and why not."""
     if previous is None:
         return None, "no earlier complete run"
-    model_path, meta_path = previous.path("churn", "model.skops"), previous.path("churn", "model.json")
-    if not model_path.exists() or not meta_path.exists():
+    model_ref = previous.artifact("churn", "model", filename="model.skops")
+    meta_ref = previous.artifact("churn", "model_metadata", filename="model.json")
+    if model_ref is None or meta_ref is None:
         return None, f"the run of {previous.as_of} saved no churn model"
-    metadata = json.loads(meta_path.read_text())
+    metadata = previous.read_json(meta_ref)
     try:
-        model = load_model(model_path)
+        model = load_model(model_ref.file)
     except (UntrustedModelError, OSError, ValueError, TypeError, AttributeError, ImportError) as exc:
         return None, f"the model of {previous.as_of} could not be loaded safely ({exc})"
     trained_ids = None
-    if label_source == "explicit":
-        training = previous.path("churn", "training_set.parquet")
-        if training.exists():
-            trained_ids = frozenset(pd.read_parquet(training, columns=[ID])[ID].astype(str))
+    if label_source == "explicit" and (training := previous.artifact("churn", "training_set")) is not None:
+        trained_ids = frozenset(previous.read_frame(training, columns=[ID])[ID].astype(str))
     return Champion(model, {**metadata, "source_run": previous.as_of.isoformat()}, trained_ids), ""
 

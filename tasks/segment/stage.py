@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from crm_analytics.artifacts import RunStore, StageResult, dump_skops, file_sha256
+from crm_analytics.artifacts import RunStore, StageResult, dump_skops
 from crm_analytics.parameters import RunSpec, SegmentOptions
 from crm_analytics.reporting import save_figures
 from tasks.common import stage_logger, stage_task
@@ -40,8 +40,8 @@ def previous_fingerprint(run: RunSpec, **_: Any) -> str:
         return "no previous run"
     digest = hashlib.sha256(previous.as_of.isoformat().encode())
     for name in SEGMENT_FILES:
-        path = previous.path("segments", name)
-        digest.update(f"{name}:{file_sha256(path) if path.exists() else '-'}".encode())
+        ref = previous.artifact("segments", name.split(".")[0])
+        digest.update(f"{name}:{ref.content_hash if ref is not None else '-'}".encode())
     return digest.hexdigest()
 
 
