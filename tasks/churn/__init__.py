@@ -4,7 +4,7 @@ Labels come from transactions (``transactional``: labelled cutoffs, judged forwa
 explicit ``churned`` column (``explicit``: the table's own columns, stratified CV); both hand their comparison
 to one champion/challenger core (``champion``). The modules, bottom up:
 
-- ``bgnbd``: the BG/NBD fit (shared with the customer-value stage); ``examples``: labels, features, cutoffs;
+- ``examples``: labels, features (with the BG/NBD probabilities of ``tasks.btyd``), cutoffs;
   ``horizon``: inter-purchase gaps and the suggested horizon;
 - ``metrics``: validation metrics; ``models``: the model zoo; ``explanations``: top factors, importances, scores;
   ``model_files``: skops files against trusted types;
@@ -16,7 +16,7 @@ own types ``tasks.churn.<name>`` (see ``models``), so files written before the s
 ``BalancedClassifier``, ``MeanEnsemble`` and ``signed_log1p`` importable from here.
 """
 
-from tasks.churn.bgnbd import BGNBD_FIT_ROWS, bgnbd_features, fit_bgnbd, repeat_purchase_summary
+from tasks.btyd import BGNBD_FIT_ROWS, bgnbd_features, fit_bgnbd, repeat_purchase_summary
 from tasks.churn.champion import (
     Champion,
     ChurnOutput,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from crm_analytics.parameters import ChurnOptions, as_of_end
-from tasks.churn.bgnbd import bgnbd_features, fit_bgnbd, repeat_purchase_summary
+from tasks.btyd import bgnbd_features, fit_bgnbd, repeat_purchase_summary
 from tasks.features import build_customer_features
 
 LABEL = "churned"

@@ -1,6 +1,8 @@
-"""BG/NBD (Fader, Hardie & Lee 2005): the repeat-purchase summary (x, t_x, T) and the model's fit and
-probabilities of being alive and of staying silent for h days. Unsupervised and free of the churn stage's other
-modules, so the customer-value stage can share it."""
+"""Buy-till-you-die models, shared by the churn stage (features) and the customer-value stage: the repeat-purchase
+summary (x, t_x, T); BG/NBD (Fader, Hardie & Lee 2005) — its fit and the probabilities of being alive and of
+staying silent for h days; Gamma-Gamma (Fader, Hardie & Lee 2005, "RFM and CLV") — its fit and the expected
+spend per purchase. Maximum likelihood with scipy (``lifetimes`` does not work on pandas 3); both fits reproduce
+the published CDNOW estimates (tests/test_bgnbd_literature.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import pandas as pd
 from scipy.optimize import minimize
 from scipy.special import betaln, gammaln
 
-__all__ = ["BGNBD_FIT_ROWS", "bgnbd_features", "fit_bgnbd", "repeat_purchase_summary"]
+__all__ = ["BGNBD_FIT_ROWS", "bgnbd_features", "expected_spend", "fit_bgnbd", "fit_gamma_gamma",
+           "repeat_purchase_summary"]
 
 BGNBD_FIT_ROWS = 20_000
 
@@ -62,3 +65,32 @@ def bgnbd_features(summary: pd.DataFrame, params: np.ndarray | None, horizon_day
     # probability E[exp(-lambda h)] = ((alpha + T) / (alpha + T + h)) ** (r + x).
     silent = (1.0 - p_alive) + p_alive * ((alpha + big_t) / (alpha + big_t + horizon_days)) ** (r + x)
     return pd.DataFrame({"bgnbd_p_alive": p_alive, "bgnbd_p_silent": silent}, index=summary.index)
+
+
+def fit_gamma_gamma(repeat_purchases: np.ndarray, mean_spend: np.ndarray) -> np.ndarray | None:
+    """Maximum-likelihood (p, q, v) of the Gamma-Gamma spend model from customers with repeat purchases: their
+    number of repeat purchases x and mean spend per repeat purchase; None if the fit fails or there are too few.
+    It assumes spend is independent of purchase frequency (check before trusting a CLV)."""
+    keep = (repeat_purchases > 0) & (mean_spend > 0) & np.isfinite(mean_spend)
+    x, m = repeat_purchases[keep].astype("float64"), mean_spend[keep].astype("float64")
+    if len(x) < 50:
+        return None
+
+    def negative_log_likelihood(log_params: np.ndarray) -> float:
+        p, q, v = np.exp(np.clip(log_params, -10, 10))
+        px = p * x
+        ll = (gammaln(px + q) - gammaln(px) - gammaln(q) + q * np.log(v) + (px - 1) * np.log(m) + px * np.log(x)
+              - (px + q) * np.log(x * m + v))
+        return float(-ll.sum())
+
+    result = minimize(negative_log_likelihood, np.log([1.0, 1.0, 1.0]), method="L-BFGS-B")
+    return np.exp(result.x) if result.success and np.isfinite(result.fun) else None
+
+
+def expected_spend(params: np.ndarray, repeat_purchases: np.ndarray, mean_spend: np.ndarray) -> np.ndarray:
+    """E[spend per purchase | x, mean spend] under a fitted Gamma-Gamma model: the customer's own mean shrunk
+    towards the population's, the more the fewer purchases it rests on (x = 0: the population mean)."""
+    p, q, v = params
+    x = repeat_purchases.astype("float64")
+    m = np.where(x > 0, mean_spend, 0.0)
+    return p * (v + x * m) / (p * x + q - 1)
