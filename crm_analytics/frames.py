@@ -1,4 +1,5 @@
-"""Helpers on DataFrames that several stages share: which rows are exact copies of an earlier row.
+"""Helpers on DataFrames that several stages share: which rows are exact copies of an earlier row, and how many
+source lines rows cover.
 
 One definition of an exact duplicate serves ingest's metrics, validation (a copy takes its first copy's
 verdict) and clean (which drops the copies), so the three always agree on which rows are copies.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["exact_duplicate_rows", "first_copies"]
+from crm_analytics.schema import SOURCE_FILE, SOURCE_LINE, SOURCE_LINES
+
+__all__ = ["exact_duplicate_rows", "first_copies", "lines_covered"]
 
 
 def _colliding(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
@@ -44,3 +47,20 @@ def first_copies(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
 def exact_duplicate_rows(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
     """Rows equal to an earlier row in ``columns`` (``DataFrame.duplicated(keep="first")``), exactly."""
     return first_copies(frame, columns) != np.arange(len(frame))
+
+
+def lines_covered(*frames: pd.DataFrame, shared_lines: bool = False) -> int:
+    """Physical source lines the rows of ``frames`` cover (``_source_lines`` per row; a row without line lineage,
+    from SQL or a derivation, counts one). ``shared_lines``: rows may share a line (a basket list gives one row
+    per item), so each (file, line) counts once across all ``frames``; otherwise the sum needs no grouping."""
+    if shared_lines and len(frames) > 1:
+        frames = (pd.concat(list(frames), ignore_index=True),)
+    total = 0
+    for rows in frames:
+        if SOURCE_LINES not in rows.columns:
+            total += len(rows)
+        elif shared_lines:
+            total += int(rows.drop_duplicates([SOURCE_FILE, SOURCE_LINE])[SOURCE_LINES].sum())
+        else:
+            total += int(rows[SOURCE_LINES].sum())
+    return total

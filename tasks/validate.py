@@ -23,11 +23,12 @@ import numpy as np
 import pandas as pd
 
 from crm_analytics.artifacts import StageResult
+from crm_analytics.frames import lines_covered
 from crm_analytics.mapping import SourceMapping, load_mapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec, ValidationOptions
 from crm_analytics.privacy import ALWAYS_PERSONAL, pseudonym_key, pseudonymise
 from crm_analytics.reporting import markdown_table
-from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON, SOURCE_FILE, SOURCE_LINE, SOURCE_LINES
+from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON
 from tasks.common import DataQualityError, stage_logger, stage_task
 from tasks.suites import (
     CROSS_CHECK_ROWS,
@@ -213,8 +214,9 @@ def validation_metrics(outcomes: dict[str, ValidationOutcome], mapping: SourceMa
     for entity, outcome in outcomes.items():
         valid, quarantined = len(outcome.valid), len(outcome.quarantine)
         rows_in = valid + quarantined
-        lines_in = lines_covered(outcome.valid, outcome.quarantine)
-        lines_quarantined = lines_covered(outcome.quarantine)
+        shared = mapping.source(entity).format == "baskets"  # a basket's items share its line
+        lines_in = lines_covered(outcome.valid, outcome.quarantine, shared_lines=shared)
+        lines_quarantined = lines_covered(outcome.quarantine, shared_lines=shared)
         metrics[entity] = {
             "rows_in": rows_in,
             "valid": valid,
@@ -231,15 +233,6 @@ def validation_metrics(outcomes: dict[str, ValidationOutcome], mapping: SourceMa
             "evaluation": outcome.evaluation,
         }
     return metrics
-
-
-def lines_covered(*frames: pd.DataFrame) -> int:
-    """Physical source lines the rows of ``frames`` cover, each line once (a basket's items share its line);
-    rows without line lineage (SQL, derived) count one each."""
-    rows = pd.concat(list(frames), ignore_index=True) if len(frames) > 1 else frames[0]
-    if SOURCE_LINES not in rows.columns:
-        return len(rows)
-    return int(rows.drop_duplicates([SOURCE_FILE, SOURCE_LINE])[SOURCE_LINES].sum())
 
 
 def _counted(counts: dict[str, int], top: int = 3) -> str:
@@ -318,12 +311,14 @@ def before_all_data(outcomes: dict[str, ValidationOutcome], as_of: date) -> str 
 
 
 def check_gates(outcomes: dict[str, ValidationOutcome], mapping: SourceMapping, options: ValidationOptions,
-                as_of: date | None = None) -> None:
+                as_of: date | None = None, metrics: dict[str, dict[str, Any]] | None = None) -> None:
     """The data-quality gate: every entity over its allowed rate is named in one line, so a cascade from
-    quarantined customers is told together with the customers' own reasons."""
+    quarantined customers is told together with the customers' own reasons. ``metrics``: the outcomes'
+    :func:`validation_metrics` when the caller has them already."""
     if as_of is not None and (text := before_all_data(outcomes, as_of)) is not None:
         raise DataQualityError(text)
-    failures = [(entity, text) for entity, m in validation_metrics(outcomes, mapping, options).items()
+    metrics = metrics if metrics is not None else validation_metrics(outcomes, mapping, options)
+    failures = [(entity, text) for entity, m in metrics.items()
                 if (text := gate_failure(entity, m["rows_in"], m["quarantined"], m["reasons"],
                                          m["max_quarantine_rate"], m.get("cascade"),
                                          (m["lines_in"], m["lines_quarantined"]))) is not None]
@@ -372,6 +367,6 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
         artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity, outcome.quarantine)
         log.info("validated %s: %d valid, %d quarantined", entity, len(outcome.valid), len(outcome.quarantine))
     metrics = validation_metrics(outcomes, mapping, options)
-    check_gates(outcomes, mapping, options, run.as_of)
+    check_gates(outcomes, mapping, options, run.as_of, metrics)
     return StageResult(stage="validate", artifacts=artifacts, metrics={"entities": metrics},
                        report_section=quality_section(metrics))

@@ -6,7 +6,7 @@ from datetime import date
 import numpy as np
 import pandas as pd
 
-from crm_analytics.frames import exact_duplicate_rows, first_copies
+from crm_analytics.frames import exact_duplicate_rows, first_copies, lines_covered
 from tasks.validate import load_suite, suite_parameters, validate_entity
 from tests.test_validate import _customers
 
@@ -43,3 +43,12 @@ def test_validation_gives_each_row_its_own_verdict_when_every_row_hash_collides(
     pd.testing.assert_frame_equal(collided.valid, expected.valid)
     pd.testing.assert_frame_equal(collided.quarantine, expected.quarantine)
     assert collided.reason_counts == expected.reason_counts
+
+
+def test_lines_covered_counts_a_shared_basket_line_once_across_valid_and_quarantined_rows():
+    valid = pd.DataFrame({"_source_file": ["b.csv", "b.csv", "a.csv"], "_source_line": [1, 1, 2],
+                          "_source_lines": [1, 1, 3]})
+    quarantined = pd.DataFrame({"_source_file": ["b.csv"], "_source_line": [1], "_source_lines": [1]})
+    assert lines_covered(valid, quarantined, shared_lines=True) == 4  # b.csv line 1 once, a.csv lines 2-4
+    assert lines_covered(valid, quarantined) == 6  # one row a line: the plain sum
+    assert lines_covered(pd.DataFrame({"customer_id": ["c1", "c2"]})) == 2  # no lineage (SQL, derived): a row each

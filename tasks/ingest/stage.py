@@ -14,7 +14,7 @@ import pandas as pd
 
 from crm_analytics.artifacts import StageResult
 from crm_analytics.distributed import executor_metrics, partition_count, stage_client
-from crm_analytics.frames import exact_duplicate_rows
+from crm_analytics.frames import exact_duplicate_rows, lines_covered
 from crm_analytics.mapping import (
     EntitySource,
     SourceMapping,
@@ -25,7 +25,7 @@ from crm_analytics.mapping import (
 )
 from crm_analytics.parameters import RunSpec
 from crm_analytics.privacy import check_declared_personal_data
-from crm_analytics.schema import PARSE_ERRORS, SOURCE_FILE, SOURCE_LINE, SOURCE_LINES
+from crm_analytics.schema import PARSE_ERRORS, SOURCE_FILE, SOURCE_LINES
 from tasks.common import IO_RETRY, stage_logger, stage_task
 from tasks.ingest.columns import VALUE_LIKE, column_use, shown_columns
 from tasks.ingest.derive import derive_entity
@@ -169,12 +169,11 @@ def line_metrics(frame: pd.DataFrame, source: EntitySource) -> dict[str, int]:
     """The lines the rows came from: ``data_lines`` (non-blank lines after the header, summed over the files:
     equal to each file's independent count, which the read checked; for Parquet, SQL and derived entities the
     rows), rows over several lines, rows with a wrong field count, and last lines without a line break."""
-    records = frame if source.format != "baskets" else frame.drop_duplicates([SOURCE_FILE, SOURCE_LINE])
-    lines = records[SOURCE_LINES] if SOURCE_LINES in records.columns else pd.Series(1, index=records.index)
+    lines = frame[SOURCE_LINES] if SOURCE_LINES in frame.columns else pd.Series(1, index=frame.index)
     errors = frame[PARSE_ERRORS].astype("string")
     multi = errors.str.contains(MULTILINE, regex=False) & (lines > 1)
     return {
-        "data_lines": int(lines.sum()),
+        "data_lines": lines_covered(frame, shared_lines=source.format == "baskets"),
         "multiline_rows": int((lines > 1).sum()),
         "multiline_rows_flagged": int(multi.fillna(False).sum()),
         "bad_field_count_rows": int(errors.str.contains(FIELD_COUNT, regex=False).fillna(False).sum()),
