@@ -235,6 +235,11 @@ def validation_metrics(outcomes: dict[str, ValidationOutcome], mapping: SourceMa
     return metrics
 
 
+def _keys(upstream: str, taken: dict[str, Any]) -> str:
+    """"4 customers", "1 customer": the upstream rows a cascade came from."""
+    return f"{taken['keys']:,} {upstream if taken['keys'] != 1 else upstream[:-1]}"
+
+
 def _counted(counts: dict[str, int], top: int = 3) -> str:
     return ", ".join(f"{reason} ({count:,})" for reason, count in list(counts.items())[:top])
 
@@ -246,8 +251,8 @@ def cascade_causes(entity: str, cascade: dict[str, Any] | None) -> list[str]:
     for upstream, taken in (cascade or {}).items():
         if upstream == "other":
             continue
-        keys = f"{taken['keys']:,} {upstream if taken['keys'] != 1 else upstream[:-1]}"
-        phrases.append(f"{taken['rows']:,} {noun} of {keys} quarantined for {_counted(taken['reasons'])}")
+        phrases.append(f"{taken['rows']:,} {noun} of {_keys(upstream, taken)} quarantined for "
+                       f"{_counted(taken['reasons'])}")
     return phrases
 
 
@@ -266,10 +271,8 @@ def gate_failure(entity: str, rows_in: int, quarantined: int, reason_counts: dic
     causes = []
     for upstream, taken in (cascade or {}).items():
         if upstream != "other":
-            singular = upstream[:-1]
-            keys = f"{taken['keys']:,} {upstream if taken['keys'] != 1 else singular}"
-            causes.append(f"{taken['rows']:,} because their {singular} is quarantined ({keys}: "
-                          f"{_counted(taken['reasons'])})")
+            causes.append(f"{taken['rows']:,} because their {upstream[:-1]} is quarantined "
+                          f"({_keys(upstream, taken)}: {_counted(taken['reasons'])})")
     if causes:
         other = cascade["other"]
         if other["rows"]:
