@@ -15,8 +15,9 @@ R and arules are installed, with pyfim, Borgelt's C code that arules wraps, and 
 How it stays exact and bounded: baskets are encoded as integer codes (never a dense baskets x items matrix);
 items that cannot be frequent are dropped before mining (exact); the FP-tree is built level by level with
 numpy (mlxtend's per-basket insertion loop is the slowest part of its FP-growth) into mlxtend's own FPTree,
-and mlxtend's FP-growth recursion mines it; a memory estimate with rigorous upper bounds on the number of
-itemsets and rules is checked *before* mining; rules are generated with exact integer counts by vectorised
+and mlxtend's FP-growth recursion mines it; a memory estimate (rigorous upper bounds on the number of
+itemsets and rules, or where those do not fit, the exact number of frequent itemsets counted level by level)
+is checked *before* mining; rules are generated with exact integer counts by vectorised
 lookups instead of mlxtend's ``association_rules`` (a per-candidate Python loop on float supports, without a
 single-consequent option); recommendations are computed in customer chunks of bounded size.
 
@@ -24,7 +25,8 @@ Layout of the package (each module holds one responsibility; this module re-expo
 ``tasks/rules.py`` had, so ``from tasks.rules import ...`` keeps working):
 
 - ``baskets``: purchase lines -> sparse basket x item incidence, and the FP-tree built from it.
-- ``memory``: the memory estimate and check before mining (``RulesMemoryError``).
+- ``memory``: the memory estimate and check before mining (bounds, then an exact level-by-level count of the
+  frequent itemsets that stops early on an explosive threshold; ``RulesMemoryError``).
 - ``mining``: frequent itemsets (mlxtend's FP-growth on that tree).
 - ``generate``: rules with exact counts, and the itemsets and rules frames.
 - ``recommendations``: per-customer recommendations in bounded chunks.
@@ -63,6 +65,7 @@ from tasks.rules.memory import (
     RulesMemoryError,
     available_memory_bytes,
     check_memory,
+    count_frequent_itemsets,
     estimate_mining,
 )
 from tasks.rules.memory import (
@@ -122,6 +125,7 @@ __all__ = [
     "available_memory_bytes",
     "basket_codes",
     "check_memory",
+    "count_frequent_itemsets",
     "encode_baskets",
     "estimate_mining",
     "fp_tree",
