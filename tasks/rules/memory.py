@@ -130,33 +130,43 @@ def estimate_mining(prefix: PrefixTree, min_count: int, options: RulesOptions,
     return _from_levels(min_count, n_items, tree_nodes, levels, options)
 
 
-def _row_keys(rows: np.ndarray) -> np.ndarray:
-    """One comparable value per row (big-endian bytes sort like the rows of non-negative codes)."""
+def _row_keys(rows: np.ndarray, base: int) -> np.ndarray:
+    """One comparable value per row of codes below ``base``, in the rows' lexicographic order: an integer where
+    it fits in 63 bits, else big-endian bytes (which sort like the rows, the codes being non-negative)."""
+    if base ** rows.shape[1] < 2**62:
+        keys = np.zeros(len(rows), dtype=np.int64)
+        for column in range(rows.shape[1]):
+            keys = keys * base + rows[:, column]
+        return keys
     return np.ascontiguousarray(rows.astype(">i4")).view(f"V{4 * rows.shape[1]}").ravel()
 
 
-def _join(frequent: np.ndarray, max_rows: float) -> np.ndarray | None:
-    """Candidates one item longer (Apriori's join): every two frequent itemsets that share all but their last
-    item give that prefix and both last items. Rows in and out are sorted; None past ``max_rows`` candidates."""
+def _later_partners(frequent: np.ndarray) -> np.ndarray:
+    """For each frequent itemset (rows sorted), how many later rows share all but its last item: the candidates
+    it starts in Apriori's join."""
     m = len(frequent)
     new_group = np.concatenate([[True], np.any(frequent[1:, :-1] != frequent[:-1, :-1], axis=1)])
     starts = np.flatnonzero(new_group)
     ends = np.repeat(np.append(starts[1:], m), np.diff(np.append(starts, m)))
-    later = ends - np.arange(m) - 1
-    if later.sum() > max_rows:
-        return None
-    left = np.repeat(np.arange(m), later)
-    right = left + 1 + np.arange(len(left)) - np.repeat(np.cumsum(later) - later, later)
+    return ends - np.arange(m) - 1
+
+
+def _join(frequent: np.ndarray, later: np.ndarray, first: int, last: int) -> np.ndarray:
+    """Candidates one item longer started by rows ``first:last``: each with every later row of its group, as
+    the shared prefix plus both last items (rows out sorted, as rows in are)."""
+    counts = later[first:last]
+    left = np.repeat(np.arange(first, last), counts)
+    right = left + 1 + np.arange(len(left)) - np.repeat(np.cumsum(counts) - counts, counts)
     return np.column_stack([frequent[left], frequent[right, -1]])
 
 
-def _prune(candidates: np.ndarray, frequent: np.ndarray) -> np.ndarray:
+def _prune(candidates: np.ndarray, frequent: np.ndarray, base: int) -> np.ndarray:
     """Keep the candidates whose every one-shorter subset is frequent (dropping either of the last two items
     gives a joined itemset, frequent by construction)."""
-    keys = _row_keys(frequent)  # sorted, as ``frequent`` is
+    keys = _row_keys(frequent, base)  # sorted, as ``frequent`` is
     keep = np.ones(len(candidates), dtype=bool)
     for column in range(candidates.shape[1] - 2):
-        wanted = _row_keys(np.delete(candidates, column, axis=1))
+        wanted = _row_keys(np.delete(candidates, column, axis=1), base)
         at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
         keep &= keys[at] == wanted
     return candidates[keep]
@@ -233,30 +243,36 @@ def count_frequent_itemsets(prefix: PrefixTree, min_count: int, options: RulesOp
     chunk = max(1, int(work_bytes // (3 * n_words * 8)))
     words = 0.0
     for k in range(3, options.max_len + 1):
-        candidates = _join(frequent, work_bytes / (k * 8 + 24))
-        if candidates is None:
-            return None
-        candidates = _prune(candidates, frequent)
-        words += len(candidates) * (k - 1) * n_words
-        if words > MAX_COUNT_WORDS:
-            return None
-        if len(candidates) == 0:
-            break
+        later = _later_partners(frequent)
+        ends = np.cumsum(later)
         levels.append(0.0)
         found = []
-        for start in range(0, len(candidates), chunk):
-            part = candidates[start:start + chunk]
-            both = bitmaps[part[:, 0]] & bitmaps[part[:, 1]]
+        first = 0
+        while first < len(frequent):
+            # No more candidates at once than could still fit, so an explosive count stops soon after the limit.
+            room = (limit_bytes - estimate(True).bytes) / (ITEMSET_BYTES + k * RULE_BYTES)
+            size = max(1024, min(chunk, room + 1))
+            done = ends[first - 1] if first else 0
+            last = max(first + 1, int(np.searchsorted(ends, done + size, side="right")))
+            candidates = _prune(_join(frequent, later, first, last), frequent, len(used))
+            first = last
+            words += len(candidates) * (k - 1) * n_words
+            if words > MAX_COUNT_WORDS:
+                return None
+            if len(candidates) == 0:
+                continue
+            both = bitmaps[candidates[:, 0]] & bitmaps[candidates[:, 1]]
             for column in range(2, k):
-                both &= bitmaps[part[:, column]]
+                both &= bitmaps[candidates[:, column]]
             support = np.bitwise_count(both).sum(axis=1, dtype=np.int64)
-            found.append(part[support >= min_count])
+            found.append(candidates[support >= min_count])
             levels[-1] += len(found[-1])
             if over():
                 return estimate(False)
-        frequent = np.concatenate(found)
-        if len(frequent) == 0:
+        if not found or levels[-1] == 0:
+            levels.pop()
             break
+        frequent = np.concatenate(found)
     return estimate(True)
 
 
