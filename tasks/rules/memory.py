@@ -20,9 +20,9 @@ from crm_analytics.parameters import RulesOptions
 from tasks.common import PermanentError
 from tasks.rules.baskets import Baskets, PrefixTree, min_support_count
 
-# Bytes per object, measured with tracemalloc on CPython 3.11 / mlxtend 0.25 (see benchmarks/bench_rules.py,
-# which prints the estimate next to the measured peak): an FPNode with its children dict, one itemset while it
-# is collected, one rule through generation and output.
+# Bytes per object, measured with tracemalloc on CPython 3.11 / mlxtend 0.25 (benchmarks/bench_rules_memory.py
+# prints the estimate next to what mining and rule generation really add, and their ratio): an FPNode with its
+# children dict, one itemset while it is collected, one rule through generation and output.
 FPNODE_BYTES = 320
 TREE_COPIES = 2.0  # the main tree plus the conditional trees alive during the recursion
 ITEMSET_BYTES = 240
