@@ -229,6 +229,8 @@ def count_frequent_itemsets(prefix: PrefixTree, min_count: int, options: RulesOp
     levels.append(float(len(pairs)))
     if over():
         return estimate(False)
+    if options.max_len < 3 or len(pairs) == 0:
+        return estimate(True)
 
     # Only items of frequent pairs can be in longer frequent itemsets: bitmaps for those alone.
     used = np.unique(pairs)
