@@ -5,6 +5,8 @@ explosive threshold that is still refused, and (slow, needs the file) the Grocer
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +146,14 @@ def test_groceries_tutorial_thresholds_run_within_the_default_budget():
     mined = mine_rules(lines, options)
     assert mined.stats["itemsets"] == 13_492  # arules: "set of 13492 itemsets" at supp 0.001
     assert mined.stats["memory_estimate_mb"] < 100  # was 3,254 MB from the bounds alone
+
+
+@pytest.mark.slow
+def test_the_memory_benchmark_runs_small_and_its_estimates_bound_the_actual_memory():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_rules_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--baskets", "20000", "--groceries", str(GROCERIES)],
+                          capture_output=True, text=True, timeout=600, cwd=script.parent.parent)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| synthetic (min support 0.01) | 20,000 |" in done.stdout
+    assert "| explosive | 300 | - | - |" in done.stdout and "the count alone stopped after" in done.stdout
+    assert "every mined case: estimate >= actual and <= 3x actual (traced): True" in done.stdout
