@@ -94,6 +94,7 @@ def test_a_few_large_baskets_no_longer_refuse_a_threshold_that_fits():
     mined = mine_rules(_lines(baskets), options)
     assert estimate.counted and estimate.bytes <= 2 * GiB
     assert estimate.itemsets == mined.stats["itemsets"]
+    assert mined.stats["memory_estimate_from"] == "frequent itemsets counted"
 
 
 def test_a_truly_explosive_threshold_is_still_refused_with_a_min_support_that_fits():
@@ -146,6 +147,7 @@ def test_groceries_tutorial_thresholds_run_within_the_default_budget():
     mined = mine_rules(lines, options)
     assert mined.stats["itemsets"] == 13_492  # arules: "set of 13492 itemsets" at supp 0.001
     assert mined.stats["memory_estimate_mb"] < 100  # was 3,254 MB from the bounds alone
+    assert mined.stats["memory_estimate_from"] == "frequent itemsets counted"
 
 
 @pytest.mark.slow

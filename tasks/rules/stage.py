@@ -65,6 +65,7 @@ def mine_rules(order_lines: pd.DataFrame, options: RulesOptions) -> MinedRules:
         **baskets.stats,
         "fp_tree_nodes": int(len(prefix.item)),
         "memory_estimate_mb": round(estimate.mb, 1),
+        "memory_estimate_from": "frequent itemsets counted" if estimate.counted else "upper bounds",
         "itemsets": int(len(itemsets.counts)),
         "rules": len(table),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
