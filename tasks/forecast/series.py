@@ -30,9 +30,10 @@ OTHER_CATEGORIES = "other categories"
 
 
 def week_of_line(order_ts: pd.Series, as_of: date) -> np.ndarray:
-    """Weeks between each timestamp and the end of the as-of date: 0 for the last seven days, up to and including D."""
-    elapsed = (as_of_end(as_of) - order_ts).to_numpy().astype("timedelta64[s]").astype(np.int64)
-    return elapsed // (7 * 86_400)
+    """Weeks before the end of the as-of date: 0 for the last seven days (D - 6 from midnight to the end of D)."""
+    elapsed = (as_of_end(as_of) - order_ts).to_numpy().astype("timedelta64[ns]").astype(np.int64)
+    # An instant exactly seven days before the end is the first of week 0, not the last of week 1.
+    return (elapsed - 1) // (7 * 86_400 * 10**9)
 
 
 def week_ends(as_of: date, weeks: int) -> list[date]:
