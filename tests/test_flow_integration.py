@@ -137,7 +137,7 @@ def test_forecast_outputs_are_in_the_manifest(completed_run):
     for name in ("series", "forecasts", "backtest"):
         assert artifacts[f"forecast/{name}"]["path"] == f"forecast/{name}.parquet"
         assert artifacts[f"forecast/{name}"]["rows"] > 0
-    assert artifacts["forecast/figure_forecast_segment"]["path"] == "report/figures/forecast_segment.png"
+    assert artifacts["report/figure_segment_series"]["path"] == "report/figures/forecast_segment_series.png"
     stage = manifest["stages"]["forecast"]
     forecasts = pd.read_parquet(run_dir / "forecast" / "forecasts.parquet")
     horizon = manifest["parameters"]["forecast"]["horizon_weeks"]

@@ -229,8 +229,8 @@ def test_the_core_and_the_edge_write_every_artifact_even_for_short_history(tmp_p
     segmented = StageResult(stage="segment",
                             artifacts={"assignments": store.write_frame("segments", "assignments", assignments)})
     result = forecast.fn(run, cleaned, segmented, ForecastOptions())
-    assert {"series", "forecasts", "backtest", "figure_forecast_total", "figure_forecast_segment"} <= set(
-        result.artifacts)
+    assert {"series", "forecasts", "backtest", "figure_total_series", "figure_segment_series"} <= set(result.artifacts)
+    assert result.artifacts["figure_segment_series"].path.endswith("report/figures/forecast_segment_series.png")
     assert result.artifacts["forecasts"].rows == 10 * 13
     assert "## Forecasts" in result.report_section
     assert "only 2 weeks since its first activity" in result.report_section

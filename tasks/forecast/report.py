@@ -64,7 +64,7 @@ def forecast_section(out: ForecastOutput, options: ForecastOptions) -> str:
 
 def forecast_figures(out: ForecastOutput) -> dict[str, plt.Figure]:
     """One figure per group of series: a row per group, a column per measure."""
-    return {f"forecast_{kind}": _group_figure(out, kind) for kind in GROUP_TITLES
+    return {f"{kind}_series": _group_figure(out, kind) for kind in GROUP_TITLES
             if (out.series["group_kind"] == kind).any()}
 
 
