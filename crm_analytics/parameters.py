@@ -230,6 +230,10 @@ class ForecastOptions(BaseModel):
     fourier_terms: int = Field(
         2, ge=0, le=10, description="Sine/cosine pairs that model the season in the ARIMA candidate (0: none).",
     )
+    calibrate_intervals: bool = Field(
+        True, description="Widen each chosen model's intervals by what its backtest showed they needed to cover "
+        "80 % (95 %) of the weeks (never narrowed). Off: the model's own intervals.",
+    )
     by_category: bool = Field(False, description="Also forecast each product category's revenue and buyers.")
     max_categories: int = Field(
         8, ge=1, le=50, description="With by_category: the categories with the most revenue get their own series; "

@@ -70,12 +70,40 @@ def test_the_chosen_model_beats_seasonal_naive_on_trend_and_season(generated):
 
 
 def test_the_80_percent_interval_covers_70_to_90_percent_of_the_backtest(generated):
+    """The published intervals (the chosen model's, widened by what the other origins needed) hold 70-90 % of the
+    backtest's weeks (0.796 when written). The models' own intervals leave out the uncertainty of their estimated
+    parameters and run a little narrow (0.702 when written): widening can only raise their coverage."""
     out, _ = generated
     chosen = out.backtest[out.backtest["chosen"]]
-    pooled_80 = float((chosen["coverage_80"] * chosen["points"]).sum() / chosen["points"].sum())
-    pooled_95 = float((chosen["coverage_95"] * chosen["points"]).sum() / chosen["points"].sum())
-    assert 0.70 <= pooled_80 <= 0.90, pooled_80
-    assert pooled_95 > pooled_80
+
+    def pooled(column: str) -> float:
+        return float((chosen[column] * chosen["points"]).sum() / chosen["points"].sum())
+
+    assert 0.70 <= pooled("calibrated_coverage_80") <= 0.90, pooled("calibrated_coverage_80")
+    assert 0.60 <= pooled("coverage_80") <= pooled("calibrated_coverage_80")
+    assert pooled("calibrated_coverage_95") > pooled("calibrated_coverage_80")
+    assert (chosen["interval_scale_80"] >= 1).all()
+
+
+def test_intervals_half_as_wide_as_the_errors_need_are_widened_about_twice():
+    """A model that forecasts the true mean of white noise (sd 10) but claims sd 5: its 80 % interval (+-6.4)
+    holds P(|Z| <= 0.64) = 48 % of the weeks; widened by the backtest (x ~2, the 80th percentile of |error| / 6.4
+    = 12.8 / 6.4), it holds about 80 % of held-out origins' weeks."""
+    from tasks.forecast import Forecast, SeriesPlan, score_model
+    from tasks.forecast.models import normal_forecast
+
+    values = 100 + np.random.default_rng(2).normal(0, 10, 400)
+
+    def overconfident(history, weeks, horizon, plan) -> Forecast:
+        return normal_forecast(np.full(horizon, 100.0), np.full(horizon, 5.0), "sd 5")
+
+    score = score_model("overconfident", overconfident, values, np.arange(400.0), list(range(100, 387, 13)), 13,
+                        SeriesPlan(season=1, seasonal_ets=False, fourier_terms=0, fourier_period=52.0))
+    assert score.points == 299
+    assert score.coverage[80] == pytest.approx(0.48, abs=0.08)
+    assert score.interval_scale[80] == pytest.approx(2.0, abs=0.25)
+    assert 0.72 <= score.calibrated_coverage[80] <= 0.88
+    assert score.interval_scale[95] == pytest.approx(2.0, abs=0.35)
 
 
 def test_forecasts_have_every_week_of_the_horizon_with_nested_intervals(generated):

@@ -28,7 +28,8 @@ EPOCH = date(1970, 1, 1)
 FORECAST_COLUMNS = [*SERIES_KEYS, "week_end", "step", "forecast", "lower_80", "upper_80", "lower_95", "upper_95",
                     "model", "model_detail", "reason"]
 BACKTEST_COLUMNS = [*SERIES_KEYS, "model", "model_detail", "origins", "points", "mase", "smape", "coverage_80",
-                    "coverage_95", "mase_vs_baseline", "chosen", "status"]
+                    "coverage_95", "calibrated_coverage_80", "calibrated_coverage_95", "interval_scale_80",
+                    "interval_scale_95", "mase_vs_baseline", "chosen", "status"]
 
 
 class ForecastOutput(NamedTuple):
@@ -85,7 +86,19 @@ def choose(values: np.ndarray, weeks: np.ndarray, options: ForecastOptions) -> C
         forecast = CANDIDATES[BASELINE](values, weeks, horizon, plan)
         reason = f"fallback to {baseline_name}: {chosen} failed on the whole history ({type(exc).__name__})"
         chosen = BASELINE
+    if options.calibrate_intervals:
+        scale = by_name[chosen].interval_scale
+        forecast = widened(forecast, scale)
+        if max(scale.values()) > 1:
+            reason += f"; intervals widened x{scale[80]:.2f} (80 %) and x{scale[95]:.2f} (95 %) as the backtest needed"
     return Choice(chosen, forecast, reason, scores)
+
+
+def widened(forecast: Forecast, scale: dict[int, float]) -> Forecast:
+    """The forecast with each level's interval widened ``scale[level]`` times around the point (clipped at 0)."""
+    half = {level: (forecast.upper[level] - forecast.point) * scale[level] for level in LEVELS}
+    return Forecast(forecast.point, {level: np.maximum(forecast.point - half[level], 0.0) for level in LEVELS},
+                    {level: forecast.point + half[level] for level in LEVELS}, forecast.detail)
 
 
 def forecast_series(series: pd.DataFrame, as_of: date, options: ForecastOptions) -> ForecastOutput:
@@ -124,6 +137,8 @@ def _backtest_rows(meta: dict, choice: Choice) -> pd.DataFrame:
     return pd.DataFrame([{
         **meta, "model": s.model, "model_detail": s.detail, "origins": s.origins, "points": s.points, "mase": s.mase,
         "smape": s.smape, "coverage_80": s.coverage[80], "coverage_95": s.coverage[95],
+        **{f"calibrated_coverage_{level}": s.calibrated_coverage.get(level) for level in LEVELS},
+        **{f"interval_scale_{level}": s.interval_scale.get(level) for level in LEVELS},
         "mase_vs_baseline": s.mase / baseline if baseline > 0 else np.nan, "chosen": s.model == choice.model,
         "status": s.status,
     } for s in choice.scores])
@@ -141,6 +156,8 @@ def _stats(forecasts: pd.DataFrame, backtest: pd.DataFrame, seconds: dict[str, f
                                     if len(picked) and picked["mase_vs_baseline"].notna().any() else None),
         "coverage_80": round(float(picked["coverage_80"].mean()), 4) if len(picked) else None,
         "coverage_95": round(float(picked["coverage_95"].mean()), 4) if len(picked) else None,
+        "calibrated_coverage_80": round(float(picked["calibrated_coverage_80"].mean()), 4) if len(picked) else None,
+        "calibrated_coverage_95": round(float(picked["calibrated_coverage_95"].mean()), 4) if len(picked) else None,
         "slowest_series_seconds": max(seconds.values(), default=0.0),
     }
 
@@ -168,4 +185,6 @@ FORECAST_DTYPES = {"series_id": "string", "measure": "string", "group_kind": "st
 BACKTEST_DTYPES = {"series_id": "string", "measure": "string", "group_kind": "string", "group": "string",
                    "segment_id": "Int64", "model": "string", "model_detail": "string", "origins": "int64",
                    "points": "int64", "mase": "float64", "smape": "float64", "coverage_80": "float64",
-                   "coverage_95": "float64", "mase_vs_baseline": "float64", "chosen": "bool", "status": "string"}
+                   "coverage_95": "float64", "calibrated_coverage_80": "float64", "calibrated_coverage_95": "float64",
+                   "interval_scale_80": "float64", "interval_scale_95": "float64", "mase_vs_baseline": "float64",
+                   "chosen": "bool", "status": "string"}

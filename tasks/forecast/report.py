@@ -35,6 +35,8 @@ def accuracy_table(out: ForecastOutput) -> pd.DataFrame:
         "sMAPE %": chosen["smape"].to_numpy(),
         "80 % covered": chosen["coverage_80"].to_numpy(),
         "95 % covered": chosen["coverage_95"].to_numpy(),
+        "80 % widened": chosen["calibrated_coverage_80"].to_numpy(),
+        "95 % widened": chosen["calibrated_coverage_95"].to_numpy(),
         "forecast, sum of the horizon": quarter.reindex(chosen.index).to_numpy(),
     })
 
@@ -49,7 +51,9 @@ def forecast_section(out: ForecastOutput, options: ForecastOptions) -> str:
             f"chosen by a rolling-origin backtest ({options.backtest_origins} origins {options.origin_spacing_weeks} "
             f"weeks apart, each forecasting {options.horizon_weeks} weeks) on MASE, and must beat seasonal naive "
             f"(the value {options.season_weeks} weeks earlier; last week's under one season of history) on it. "
-            f"Chosen: {chosen}.")
+            f"Chosen: {chosen}. Coverage: the share of the backtest's weeks inside the model's own 80 % / 95 % "
+            "intervals, and inside them widened by what the other origins needed (the calibration applied to "
+            "tonight's intervals" + ("" if options.calibrate_intervals else ", switched off tonight") + ").")
     if s["fallback_to_baseline"]:
         text += f" **{s['fallback_to_baseline']} series fell back to seasonal naive**: no candidate beat it."
     table = accuracy_table(out)
