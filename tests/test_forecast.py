@@ -240,6 +240,8 @@ def test_per_category_series_count_a_buyer_once_per_category_and_week():
     assert last["revenue | category: tea"] == 14.0 and last["active_buyers | category: tea"] == 1.0
     assert last["revenue | category: cups"] == 20.0 and last["active_buyers | category: cups"] == 1.0
     assert "revenue | category: other categories" in set(series["series_id"])
+    lines["category"] = "all"  # an export without categories: the category series would repeat the total
+    assert set(weekly_series(lines, assignments, date(2025, 1, 14), options)["group_kind"]) == {"total", "segment"}
 
 
 def test_the_core_and_the_edge_write_every_artifact_even_for_short_history(tmp_path):

@@ -86,7 +86,8 @@ def weekly_series(order_lines: pd.DataFrame, assignments: pd.DataFrame, as_of: d
         # Buyers without a segment whose lines add nothing (returns with no purchase before them): no series.
         groups, by_segment = groups.iloc[:-1], {m: by_segment[m][:-1] for m in MEASURES}
     parts.append(_long("segment", list(groups["segment_name"]), list(groups["segment_id"]), by_segment, as_of, weeks))
-    if options.by_category and "category" in lines.columns:
+    # One category (an export without product categories) would only repeat the total.
+    if options.by_category and "category" in lines.columns and lines["category"].nunique(dropna=False) > 1:
         parts.append(_category_series(lines, week, weeks, revenue, purchase, customer, as_of, options))
     return pd.concat(parts, ignore_index=True).astype(_SERIES_DTYPES)
 
