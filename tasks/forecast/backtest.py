@@ -45,7 +45,7 @@ def series_plan(shortest_training: int, options: ForecastOptions) -> SeriesPlan:
     """What every origin's training window supports: a seasonal baseline (and Fourier terms) from one season of
     history, seasonal ETS from two."""
     season = options.season_weeks
-    one_season = shortest_training >= season
+    one_season = shortest_training > season  # at least one seasonal difference to estimate the baseline's spread
     return SeriesPlan(
         season=season if one_season else 1,
         seasonal_ets=shortest_training >= 2 * season,
