@@ -25,11 +25,19 @@ from tasks.forecast.models import BASELINE, CANDIDATES, LEVELS, Forecast, recent
 from tasks.forecast.series import SERIES_KEYS, weekly_series
 
 EPOCH = date(1970, 1, 1)
-FORECAST_COLUMNS = [*SERIES_KEYS, "week_end", "step", "forecast", "lower_80", "upper_80", "lower_95", "upper_95",
-                    "model", "model_detail", "reason"]
-BACKTEST_COLUMNS = [*SERIES_KEYS, "model", "model_detail", "origins", "points", "mase", "smape", "coverage_80",
-                    "coverage_95", "calibrated_coverage_80", "calibrated_coverage_95", "interval_scale_80",
-                    "interval_scale_95", "mase_vs_baseline", "chosen", "status"]
+# The artifacts' columns and types, fixed so every night writes the same schema.
+FORECAST_DTYPES = {"series_id": "string", "measure": "string", "group_kind": "string", "group": "string",
+                   "segment_id": "Int64", "week_end": "datetime64[s]", "step": "int64", "forecast": "float64",
+                   "lower_80": "float64", "upper_80": "float64", "lower_95": "float64", "upper_95": "float64",
+                   "model": "string", "model_detail": "string", "reason": "string"}
+BACKTEST_DTYPES = {"series_id": "string", "measure": "string", "group_kind": "string", "group": "string",
+                   "segment_id": "Int64", "model": "string", "model_detail": "string", "origins": "int64",
+                   "points": "int64", "mase": "float64", "smape": "float64", "coverage_80": "float64",
+                   "coverage_95": "float64", "calibrated_coverage_80": "float64", "calibrated_coverage_95": "float64",
+                   "interval_scale_80": "float64", "interval_scale_95": "float64", "mase_vs_baseline": "float64",
+                   "chosen": "bool", "status": "string"}
+FORECAST_COLUMNS = list(FORECAST_DTYPES)
+BACKTEST_COLUMNS = list(BACKTEST_DTYPES)
 
 
 class ForecastOutput(NamedTuple):
@@ -86,8 +94,7 @@ def choose(values: np.ndarray, weeks: np.ndarray, options: ForecastOptions) -> C
         forecast = CANDIDATES[BASELINE](values, weeks, horizon, plan)
         reason = f"fallback to {baseline_name}: {chosen} failed on the whole history ({type(exc).__name__})"
         chosen = BASELINE
-    if options.calibrate_intervals:
-        scale = by_name[chosen].interval_scale
+    if options.calibrate_intervals and (scale := by_name[chosen].interval_scale):
         forecast = widened(forecast, scale)
         if max(scale.values()) > 1:
             reason += f"; intervals widened x{scale[80]:.2f} (80 %) and x{scale[95]:.2f} (95 %) as the backtest needed"
@@ -176,15 +183,3 @@ def forecast_segments(order_lines: pd.DataFrame, assignments: pd.DataFrame, as_o
 def _typed(frame: pd.DataFrame, dtypes: dict[str, str]) -> pd.DataFrame:
     """Fixed column order and types, so an empty or all-fallback night writes the same schema as any other."""
     return frame.reindex(columns=list(dtypes)).astype(dtypes)
-
-
-FORECAST_DTYPES = {"series_id": "string", "measure": "string", "group_kind": "string", "group": "string",
-                   "segment_id": "Int64", "week_end": "datetime64[s]", "step": "int64", "forecast": "float64",
-                   "lower_80": "float64", "upper_80": "float64", "lower_95": "float64", "upper_95": "float64",
-                   "model": "string", "model_detail": "string", "reason": "string"}
-BACKTEST_DTYPES = {"series_id": "string", "measure": "string", "group_kind": "string", "group": "string",
-                   "segment_id": "Int64", "model": "string", "model_detail": "string", "origins": "int64",
-                   "points": "int64", "mase": "float64", "smape": "float64", "coverage_80": "float64",
-                   "coverage_95": "float64", "calibrated_coverage_80": "float64", "calibrated_coverage_95": "float64",
-                   "interval_scale_80": "float64", "interval_scale_95": "float64", "mase_vs_baseline": "float64",
-                   "chosen": "bool", "status": "string"}
