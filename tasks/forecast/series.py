@@ -24,7 +24,6 @@ MEASURES = ("revenue", "active_buyers")
 ORDER_LINE_COLUMNS = ["customer_id", "order_ts", "is_return", "line_amount", "netted_quantity", "unit_price",
                       "category"]
 SERIES_KEYS = ["series_id", "measure", "group_kind", "group", "segment_id"]
-SERIES_COLUMNS = [*SERIES_KEYS, "week_end", "value"]
 UNASSIGNED = "unassigned"
 OTHER_CATEGORIES = "other categories"
 
