@@ -34,7 +34,8 @@ from crm_analytics.errors import PermanentError
 
 MANIFEST_NAME = "_manifest.json"
 STAGE_RECORDS = "_stages"
-STAGES = ("raw", "validated", "quarantine", "clean", "features", "segments", "churn", "rules", "report")
+STAGES = ("raw", "validated", "quarantine", "clean", "features", "segments", "churn", "rules", "forecast",
+          "report")
 
 
 class ArtifactRef(BaseModel):

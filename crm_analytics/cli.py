@@ -219,6 +219,10 @@ def _print_summary(store: RunStore) -> None:
         typer.echo(f"  churn: {ch['chosen_model']} held-out ROC AUC {ch['validation_roc_auc']:.3f}, "
                    f"{ch['scored_customers']:,} customers scored")
     typer.echo(f"  rules: {stages['rules']['rules']} rules over {stages['rules']['baskets']:,} baskets")
+    if (fc := stages.get("forecast")) is not None:  # runs from before the forecast stage have none
+        chosen = ", ".join(f"{model} {n}" for model, n in sorted(fc["chosen_models"].items()))
+        typer.echo(f"  forecast: {fc['series']} weekly series ({chosen}); {fc['fallback_to_baseline']} fell back "
+                   f"to seasonal naive, {fc['not_backtested']} too short to backtest")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m crm_analytics.cli`

@@ -208,6 +208,39 @@ class RulesOptions(BaseModel):
         return self
 
 
+class ForecastOptions(BaseModel):
+    """Weekly revenue and active-buyer forecasts per segment, each model chosen by a rolling-origin backtest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    horizon_weeks: int = Field(13, ge=1, le=52, description="Weeks forecast ahead (13 = one quarter).")
+    backtest_origins: int = Field(
+        4, ge=2, le=12, description="Forecast origins of the rolling-origin backtest: each forecasts the same "
+        "horizon from the history before it; the latest ends at the as-of date.",
+    )
+    origin_spacing_weeks: int = Field(4, ge=1, le=26, description="Weeks between consecutive backtest origins.")
+    min_train_weeks: int = Field(
+        26, ge=8, le=156, description="Fewest weeks of history an origin may train on. A series too short for "
+        "two such origins is not backtested: it gets the stated fallback (the mean of its recent weeks).",
+    )
+    season_weeks: int = Field(
+        52, ge=2, le=53, description="Seasonal period in weeks. Seasonal naive needs one season of history before "
+        "every origin, seasonal ETS two; ARIMA models the season with Fourier terms once it has one.",
+    )
+    fourier_terms: int = Field(
+        2, ge=0, le=10, description="Sine/cosine pairs that model the season in the ARIMA candidate (0: none).",
+    )
+    calibrate_intervals: bool = Field(
+        True, description="Widen each chosen model's intervals by what its backtest showed they needed to cover "
+        "80 % (95 %) of the weeks (never narrowed). Off: the model's own intervals.",
+    )
+    by_category: bool = Field(False, description="Also forecast each product category's revenue and buyers.")
+    max_categories: int = Field(
+        8, ge=1, le=50, description="With by_category: the categories with the most revenue get their own series; "
+        "the rest are summed into one 'other categories' series.",
+    )
+
+
 class PipelineOptions(BaseModel):
     """Everything about a run except its date. Defaults suit the generated sample export."""
 
@@ -228,6 +261,7 @@ class PipelineOptions(BaseModel):
     segments: SegmentOptions = SegmentOptions()
     churn: ChurnOptions = ChurnOptions()
     rules: RulesOptions = RulesOptions()
+    forecast: ForecastOptions = ForecastOptions()
 
 
 def data_root_of(options: PipelineOptions) -> Path:

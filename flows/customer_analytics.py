@@ -1,4 +1,5 @@
-"""The nightly/manual flow: ingest -> validate -> clean -> features -> segment -> churn -> rules -> report.
+"""The nightly/manual flow: ingest -> validate -> clean -> features -> segment -> churn -> rules -> forecast ->
+report.
 
 Only wiring here: each step is a task from ``tasks/`` that reads and writes artifacts and passes references.
 The run folder is complete when ``_manifest.json`` exists; it is written last. A run holds its date's lock
@@ -21,6 +22,7 @@ from crm_analytics.user_errors import failed_with_one_line, install_run_log_filt
 from tasks.churn import churn
 from tasks.clean import clean
 from tasks.features import features
+from tasks.forecast import forecast
 from tasks.ingest import ingest
 from tasks.report import report
 from tasks.rules import rules
@@ -109,7 +111,8 @@ def run_stages(as_of: date, options: PipelineOptions) -> str:
         segmented = segment(run, featured, options.segments, options.seed)
         churned = churn(run, cleaned, options.churn, options.seed, validated)
         mined = rules(run, cleaned, options.rules)
-        results = [ingested, validated, cleaned, featured, segmented, churned, mined]
+        forecasted = forecast(run, cleaned, segmented, options.forecast)
+        results = [ingested, validated, cleaned, featured, segmented, churned, mined, forecasted]
         results.append(report(run, results))
         manifest = store.write_manifest(build_manifest(store, options, started_at, results))
     print(f"run complete: {store.run_dir} (manifest {manifest.name})")

@@ -24,6 +24,8 @@ UI_TABLES = (
     ("segment", "profiles", "segment-profiles", None, 50),
     ("churn", "model_comparison", "churn-model-comparison", None, 20),
     ("rules", "rules", "top-association-rules", ["antecedents", "consequents", "support", "confidence", "lift"], 20),
+    ("forecast", "backtest", "forecast-backtest", ["series_id", "model", "mase", "mase_vs_baseline", "smape",
+                                                    "coverage_80", "coverage_95", "chosen", "status"], 150),
 )
 
 

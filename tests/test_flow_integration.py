@@ -125,3 +125,23 @@ def test_explicit_churn_labels_from_the_mapping_drive_the_churn_stage(sample_roo
     assert metrics["label_source"] == "explicit"
     scores = pd.read_parquet(run_dir / "churn" / "scores.parquet")
     assert len(scores) > 0 and scores["churn_probability"].between(0, 1).all()
+
+
+def test_forecast_outputs_are_in_the_manifest(completed_run):
+    """The forecast stage ran in the flow: its three tables and figures are listed with their rows, every series
+    has a forecast for each week of the horizon, and the report has its section."""
+    root, _ = completed_run
+    run_dir = root / "runs" / f"as_of={AS_OF}"
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    artifacts = manifest["artifacts"]
+    for name in ("series", "forecasts", "backtest"):
+        assert artifacts[f"forecast/{name}"]["path"] == f"forecast/{name}.parquet"
+        assert artifacts[f"forecast/{name}"]["rows"] > 0
+    assert artifacts["report/figure_segment_series"]["path"] == "report/figures/forecast_segment_series.png"
+    stage = manifest["stages"]["forecast"]
+    forecasts = pd.read_parquet(run_dir / "forecast" / "forecasts.parquet")
+    horizon = manifest["parameters"]["forecast"]["horizon_weeks"]
+    assert stage["series"] == forecasts["series_id"].nunique() >= 4  # revenue and buyers, total and segments
+    assert (forecasts.groupby("series_id").size() == horizon).all()
+    assert forecasts["reason"].notna().all()
+    assert "## Forecasts" in (run_dir / "report" / "report.md").read_text()
