@@ -34,7 +34,7 @@ from crm_analytics.errors import PermanentError
 
 MANIFEST_NAME = "_manifest.json"
 STAGE_RECORDS = "_stages"
-STAGES = ("raw", "validated", "quarantine", "clean", "features", "segments", "churn", "rules", "report")
+STAGES = ("raw", "validated", "quarantine", "clean", "features", "segments", "churn", "rules", "value", "report")
 
 
 class ArtifactRef(BaseModel):

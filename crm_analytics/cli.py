@@ -219,6 +219,12 @@ def _print_summary(store: RunStore) -> None:
         typer.echo(f"  churn: {ch['chosen_model']} held-out ROC AUC {ch['validation_roc_auc']:.3f}, "
                    f"{ch['scored_customers']:,} customers scored")
     typer.echo(f"  rules: {stages['rules']['rules']} rules over {stages['rules']['baskets']:,} baskets")
+    value = stages.get("value", {})
+    if "skipped" in value:
+        typer.echo(f"  value: skipped ({value['skipped']})")
+    elif value:
+        typer.echo(f"  value: {value['customers_valued']:,} customers, CLV {value['total_clv']:,.0f}, value at risk "
+                   f"{value['total_value_at_risk']:,.0f}, {value['action_rows']:,} actions")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m crm_analytics.cli`

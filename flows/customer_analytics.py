@@ -1,4 +1,4 @@
-"""The nightly/manual flow: ingest -> validate -> clean -> features -> segment -> churn -> rules -> report.
+"""The nightly/manual flow: ingest -> validate -> clean -> features -> segment -> churn -> rules -> value -> report.
 
 Only wiring here: each step is a task from ``tasks/`` that reads and writes artifacts and passes references.
 The run folder is complete when ``_manifest.json`` exists; it is written last. A run holds its date's lock
@@ -26,6 +26,7 @@ from tasks.report import report
 from tasks.rules import rules
 from tasks.segment import segment
 from tasks.validate import validate
+from tasks.value import value
 
 
 def default_as_of(scheduled: datetime | None = None) -> date:
@@ -109,7 +110,8 @@ def run_stages(as_of: date, options: PipelineOptions) -> str:
         segmented = segment(run, featured, options.segments, options.seed)
         churned = churn(run, cleaned, options.churn, options.seed, validated)
         mined = rules(run, cleaned, options.rules)
-        results = [ingested, validated, cleaned, featured, segmented, churned, mined]
+        valued = value(run, cleaned, segmented, churned, mined, options.value, options.churn.risk_band_edges)
+        results = [ingested, validated, cleaned, featured, segmented, churned, mined, valued]
         results.append(report(run, results))
         manifest = store.write_manifest(build_manifest(store, options, started_at, results))
     print(f"run complete: {store.run_dir} (manifest {manifest.name})")

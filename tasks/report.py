@@ -18,12 +18,15 @@ from prefect.runtime import flow_run
 
 from crm_analytics.artifacts import RunStore, StageResult
 from crm_analytics.parameters import RunSpec
+from tasks.value.report import UI_ACTION_COLUMNS
 
 # Tables a person should see in the Prefect UI next to the report: (stage, artifact, key, columns, rows).
 UI_TABLES = (
     ("segment", "profiles", "segment-profiles", None, 50),
     ("churn", "model_comparison", "churn-model-comparison", None, 20),
     ("rules", "rules", "top-association-rules", ["antecedents", "consequents", "support", "confidence", "lift"], 20),
+    ("value", "value_by_segment", "value-at-risk-by-segment", None, 50),
+    ("value", "actions", "value-action-list", UI_ACTION_COLUMNS, 20),  # pseudonymous ids only
 )
 
 

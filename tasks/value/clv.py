@@ -1,0 +1,131 @@
+"""Customer lifetime value from the run's own order lines: the repeat-purchase summary with spend, the BG/NBD and
+Gamma-Gamma fits of ``tasks.btyd`` (the one implementation, shared with churn), and per customer the expected
+purchases, P(alive), expected spend per purchase and the discounted CLV over the horizon."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from crm_analytics.parameters import ValueOptions, as_of_end
+from tasks.btyd import (
+    Fit,
+    bgnbd_expected_purchases,
+    bgnbd_features,
+    diagnose_bgnbd,
+    diagnose_gamma_gamma,
+    expected_spend,
+    repeat_purchase_summary,
+)
+
+DAYS_PER_MONTH = 365.25 / 12
+
+
+class ValueNotPossible(ValueError):
+    """The export cannot support a lifetime-value model (no order lines, no repeat purchases, undated baskets) or
+    the fit is not usable: the stage is skipped with this reason, like churn's ``ChurnNotPossible``."""
+
+    def __init__(self, reason: str, fits: dict | None = None):
+        super().__init__(reason)
+        self.fits = fits or {}
+
+
+def order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
+    """One row per (customer, order) before ``end``: its time and its value, purchase lines net of the quantity
+    later returned (a returned item is not revenue); return lines themselves are not orders."""
+    lines = order_lines[(order_lines["order_ts"] < end) & ~order_lines["is_return"]]
+    amount = lines["line_amount"].to_numpy(dtype="float64")
+    if "returned_quantity" in lines.columns:
+        quantity = lines["quantity"].to_numpy(dtype="float64")
+        kept = 1.0 - np.divide(lines["returned_quantity"].to_numpy(dtype="float64"), quantity,
+                               out=np.zeros(len(lines)), where=quantity > 0)
+        amount = amount * np.clip(kept, 0.0, 1.0)
+    frame = pd.DataFrame({"customer_id": lines["customer_id"].to_numpy(), "order_id": lines["order_id"].to_numpy(),
+                          "order_ts": lines["order_ts"].to_numpy(), "amount": amount})
+    return frame.groupby(["customer_id", "order_id"], sort=False).agg(order_ts=("order_ts", "min"),
+                                                                       amount=("amount", "sum")).reset_index()
+
+
+def value_summary(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
+    """``repeat_purchase_summary`` (x, t_x, T in days) plus the mean value of the repeat orders (the first order
+    is left out, as the Gamma-Gamma model expects: it describes spend per repeat purchase) and the orders' total."""
+    summary = repeat_purchase_summary(order_lines, end)
+    orders = order_values(order_lines, end).sort_values(["customer_id", "order_ts", "order_id"], kind="stable")
+    repeat = orders[orders.duplicated("customer_id")]  # every order but each customer's first
+    totals = orders.groupby("customer_id", sort=False)["amount"].sum()
+    repeat_mean = repeat.groupby("customer_id", sort=False)["amount"].mean()
+    return summary.assign(mean_repeat_spend=repeat_mean.reindex(summary.index).fillna(0.0).to_numpy(),
+                          total_spend=totals.reindex(summary.index).fillna(0.0).to_numpy())
+
+
+def check_supports_model(order_lines: pd.DataFrame, summary: pd.DataFrame) -> None:
+    """Raise ``ValueNotPossible`` for an export the model cannot describe, with the reason a person can act on."""
+    if order_lines.empty or summary.empty:
+        raise ValueNotPossible("there are no order lines (a label-only or customer-only export): lifetime value "
+                               "needs a purchase history")
+    days = order_lines.loc[~order_lines["is_return"], "order_ts"].dt.floor("D").nunique()
+    if days < 2:
+        raise ValueNotPossible("every purchase is dated the same day (undated baskets?): lifetime value needs "
+                               "purchase dates")
+    if not (summary["x"] > 0).any():
+        raise ValueNotPossible("no customer has a repeat purchase: a repeat-purchase model cannot be fitted")
+
+
+class ValueFits(NamedTuple):
+    purchases: Fit
+    spend: Fit
+
+    def as_dict(self) -> dict:
+        return {"bgnbd": self.purchases.as_dict(), "gamma_gamma": self.spend.as_dict()}
+
+
+def fit_value_models(summary: pd.DataFrame) -> ValueFits:
+    """Both fits; raises ``ValueNotPossible`` (carrying the diagnostics) when either is not usable."""
+    fits = ValueFits(diagnose_bgnbd(summary),
+                     diagnose_gamma_gamma(summary["x"].to_numpy(), summary["mean_repeat_spend"].to_numpy()))
+    for label, fit in (("BG/NBD purchase model", fits.purchases), ("Gamma-Gamma spend model", fits.spend)):
+        if not fit.usable:
+            raise ValueNotPossible(f"the {label} is not usable: {fit.problem}", fits.as_dict())
+    return fits
+
+
+def lifetime_values(summary: pd.DataFrame, fits: ValueFits, options: ValueOptions) -> pd.DataFrame:
+    """Per customer: expected purchases over the horizon, P(alive), expected spend per purchase and the CLV,
+    discounted month by month: each month's expected purchases x expected spend / (1 + annual rate)^(month / 12)."""
+    months = np.arange(1, options.horizon_months + 1)
+    cumulative = bgnbd_expected_purchases(fits.purchases.params, summary, months * DAYS_PER_MONTH)
+    per_month = np.diff(cumulative, axis=1, prepend=0.0)
+    discount = (1.0 + options.annual_discount_rate) ** (-months / 12.0)
+    spend = expected_spend(fits.spend.params, summary["x"].to_numpy(), summary["mean_repeat_spend"].to_numpy())
+    p_alive = bgnbd_features(summary, fits.purchases.params, 0)["bgnbd_p_alive"].to_numpy()
+    out = pd.DataFrame({
+        "customer_id": summary.index.to_numpy(),
+        "repeat_purchases": summary["x"].to_numpy(),
+        "recency_days": summary["t_x"].to_numpy(),
+        "age_days": summary["T"].to_numpy(),
+        "mean_repeat_spend": summary["mean_repeat_spend"].to_numpy(),
+        "total_spend": summary["total_spend"].to_numpy(),
+        "expected_purchases": cumulative[:, -1],
+        "p_alive": p_alive,
+        "expected_spend": spend,
+        "clv": (per_month * discount).sum(axis=1) * spend,
+    })
+    numeric = out.select_dtypes("number")
+    if not np.isfinite(numeric.to_numpy()).all():
+        bad = [c for c in numeric.columns if not np.isfinite(numeric[c].to_numpy()).all()]
+        raise ValueNotPossible(f"the fitted models give non-finite values for {', '.join(bad)}", fits.as_dict())
+    return out
+
+
+def customer_lifetime_values(order_lines: pd.DataFrame, as_of: date, options: ValueOptions
+                             ) -> tuple[pd.DataFrame, ValueFits]:
+    """The lifetime-value table of every customer with a purchase before the end of ``as_of``, and the fits."""
+    end = as_of_end(as_of)
+    lines = order_lines[order_lines["order_ts"] < end]
+    summary = value_summary(lines, end)
+    check_supports_model(lines, summary)
+    fits = fit_value_models(summary)
+    return lifetime_values(summary, fits, options), fits
