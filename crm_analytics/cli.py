@@ -202,6 +202,21 @@ def summary(
     _print_summary(store)
 
 
+@app.command()
+def customer(
+    customer_id: Annotated[str, typer.Argument(help="A customer id as in the export, or its pseudonym.")],
+    as_of: Annotated[str, typer.Option(help="As-of date (default: the latest complete run).")] = "",
+    history: Annotated[int, typer.Option(min=1, help="Complete runs shown in the segment history.")] = 30,
+    data_root: DataRoot = None,
+) -> None:
+    """Print one customer's card: features, segment and its history, churn, CLV and value at risk,
+    recommendations, last orders."""
+    from crm_analytics.customer_card import card_run, customer_card, render_card
+
+    store = card_run(_data_root(data_root), _date(as_of, "--as-of") if as_of else None)
+    typer.echo(render_card(customer_card(store, customer_id, history)))
+
+
 def _print_summary(store: RunStore) -> None:
     manifest = store.read_manifest()
     stages = manifest["stages"]

@@ -56,7 +56,7 @@ def clv_by_segment_figure(valued: pd.DataFrame, horizon_months: int) -> plt.Figu
     order = valued.groupby("segment_name")["clv"].sum().sort_values(ascending=False).index.tolist()
     data = [np.maximum(valued.loc[valued["segment_name"] == s, "clv"].to_numpy(), 0.01) for s in order]
     figure, axis = plt.subplots(figsize=(8, 0.5 * len(order) + 2))
-    axis.boxplot(data, vert=False, showfliers=False)
+    axis.boxplot(data, orientation="horizontal", showfliers=False)
     axis.set_yticks(range(1, len(order) + 1), order)
     axis.set_xscale("log")
     axis.invert_yaxis()
