@@ -85,12 +85,11 @@ def segment_history(store: RunStore, customer: str, runs: int) -> list[dict[str,
 
 def last_orders(store: RunStore, customer: str, n: int = LAST_ORDERS) -> pd.DataFrame:
     lines = rows(store, "clean", "order_lines", ID, customer,
-                 ["order_id", "order_ts", "product_id", "quantity", "line_amount", "is_return"])
+                 ["order_id", "order_ts", "line_amount"])
     if lines is None or lines.empty:
         return pd.DataFrame(columns=["order_id", "order_ts", "lines", "amount"])
     orders = lines.groupby("order_id").agg(order_ts=("order_ts", "min"), lines=("order_id", "size"),
-                                           amount=("line_amount", "sum"),
-                                           products=("product_id", lambda s: sorted(map(str, set(s)))))
+                                           amount=("line_amount", "sum"))
     return orders.sort_values("order_ts", ascending=False).head(n).reset_index()
 
 

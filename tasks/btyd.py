@@ -157,6 +157,9 @@ def diagnose_gamma_gamma(repeat_purchases: np.ndarray, mean_spend: np.ndarray) -
     names = ("p", "q", "v")
     keep = (repeat_purchases > 0) & (mean_spend > 0) & np.isfinite(mean_spend)
     x, m = repeat_purchases[keep].astype("float64"), mean_spend[keep].astype("float64")
+    if len(x) > BGNBD_FIT_ROWS:  # three population parameters: a seeded sample pins them down as well
+        sample = np.sort(np.random.default_rng(0).choice(len(x), BGNBD_FIT_ROWS, replace=False))
+        x, m = x[sample], m[sample]
     if len(x) < MIN_FIT_CUSTOMERS:
         return Fit(names, None, False, "not fitted", None, len(x),
                    f"{len(x)} customers with repeat purchases and a positive spend, fewer than the "

@@ -90,9 +90,12 @@ def action_list(valued: pd.DataFrame, scores: pd.DataFrame | None, recommendatio
     recommended products and the suggested action (see the module's rules)."""
     at_risk = valued[(valued["churn_probability"] >= options.min_churn_probability)
                      & (valued["value_at_risk"] > 0)].head(options.action_rows).reset_index(drop=True)
-    factors = top_factor_lists(scores) if scores is not None and len(scores) else pd.Series(dtype=object)
-    products = recommended_lists(recommendations, options.recommended_products)
     ids = at_risk[ID].to_numpy()
+    # Only the listed customers' factors and products: the lists are built in Python, per customer.
+    listed = scores[scores[ID].isin(ids)] if scores is not None else None
+    factors = top_factor_lists(listed) if listed is not None and len(listed) else pd.Series(dtype=object)
+    products = recommended_lists(None if recommendations is None else
+                                 recommendations[recommendations[ID].isin(ids)], options.recommended_products)
     factor_lists = [factors.get(i, []) if len(factors) else [] for i in ids]
     product_lists = [products.get(i, []) if len(products) else [] for i in ids]
     outreach = int(np.floor(options.outreach_share * len(at_risk)))

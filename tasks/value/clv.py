@@ -36,24 +36,25 @@ class ValueNotPossible(ValueError):
 def order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
     """One row per (customer, order) before ``end``: its time and its value, purchase lines net of the quantity
     later returned (a returned item is not revenue); return lines themselves are not orders."""
-    lines = order_lines[(order_lines["order_ts"] < end) & ~order_lines["is_return"]]
-    amount = lines["line_amount"].to_numpy(dtype="float64")
-    if "returned_quantity" in lines.columns:
-        quantity = lines["quantity"].to_numpy(dtype="float64")
-        kept = 1.0 - np.divide(lines["returned_quantity"].to_numpy(dtype="float64"), quantity,
-                               out=np.zeros(len(lines)), where=quantity > 0)
+    lines = order_lines.loc[(order_lines["order_ts"] < end) & ~order_lines["is_return"],
+                            ["customer_id", "order_id", "order_ts"]]
+    amount = order_lines.loc[lines.index, "line_amount"].to_numpy(dtype="float64")
+    if "returned_quantity" in order_lines.columns:
+        quantity = order_lines.loc[lines.index, "quantity"].to_numpy(dtype="float64")
+        returned = order_lines.loc[lines.index, "returned_quantity"].to_numpy(dtype="float64")
+        kept = 1.0 - np.divide(returned, quantity, out=np.zeros(len(lines)), where=quantity > 0)
         amount = amount * np.clip(kept, 0.0, 1.0)
-    frame = pd.DataFrame({"customer_id": lines["customer_id"].to_numpy(), "order_id": lines["order_id"].to_numpy(),
-                          "order_ts": lines["order_ts"].to_numpy(), "amount": amount})
-    return frame.groupby(["customer_id", "order_id"], sort=False).agg(order_ts=("order_ts", "min"),
-                                                                       amount=("amount", "sum")).reset_index()
+    return lines.assign(amount=amount).groupby(["customer_id", "order_id"], sort=False).agg(
+        order_ts=("order_ts", "min"), amount=("amount", "sum")).reset_index()
 
 
 def value_summary(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
     """``repeat_purchase_summary`` (x, t_x, T in days) plus the mean value of the repeat orders (the first order
-    is left out, as the Gamma-Gamma model expects: it describes spend per repeat purchase) and the orders' total."""
-    summary = repeat_purchase_summary(order_lines, end)
-    orders = order_values(order_lines, end).sort_values(["customer_id", "order_ts", "order_id"], kind="stable")
+    is left out, as the Gamma-Gamma model expects: it describes spend per repeat purchase) and the orders' total.
+    The summary is computed from the orders (one row each), not again from the lines."""
+    orders = order_values(order_lines, end)
+    summary = repeat_purchase_summary(orders.assign(is_return=False), end)
+    orders = orders.sort_values(["customer_id", "order_ts", "order_id"], kind="stable")
     repeat = orders[orders.duplicated("customer_id")]  # every order but each customer's first
     totals = orders.groupby("customer_id", sort=False)["amount"].sum()
     repeat_mean = repeat.groupby("customer_id", sort=False)["amount"].mean()
