@@ -53,6 +53,7 @@ def holdout_comparison(lines: pd.DataFrame, calibration_end: pd.Timestamp, holdo
     holdout_end = calibration_end + pd.Timedelta(days=holdout_days)
     later = order_values(lines[(lines["order_ts"] >= calibration_end) & (lines["order_ts"] < holdout_end)],
                          holdout_end)
+    later = later.assign(customer_id=later.attrs["customer_ids"][later["customer_id"].to_numpy()])  # codes -> ids
     actual = later.groupby("customer_id").size().reindex(summary.index, fill_value=0).to_numpy(dtype="float64")
     actual_spend = later.groupby("customer_id")["amount"].sum().reindex(summary.index, fill_value=0.0).to_numpy()
     predicted = bgnbd_expected_purchases(fits.purchases.params, summary, float(holdout_days))

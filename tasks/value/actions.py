@@ -55,24 +55,27 @@ def value_at_risk(values: pd.DataFrame, scores: pd.DataFrame | None, assignments
     Customers the churn model scored carry its probability; the others (churn skipped, or a customer outside
     the model's population) fall back to 1 - P(alive) of the BG/NBD model, and ``churn_source`` says which."""
     out = values.copy()
-    p = pd.Series(np.nan, index=out[ID].to_numpy())
-    band = pd.Series(pd.NA, index=out[ID].to_numpy(), dtype="string")
+    ids = pd.Index(out[ID])
+    p, band = np.full(len(out), np.nan), pd.Series(pd.NA, index=out.index, dtype="string")
     if scores is not None and len(scores):
-        indexed = scores.drop_duplicates(ID).set_index(ID)
-        p = indexed["churn_probability"].reindex(p.index).astype("float64")
-        band = indexed["risk_band"].reindex(p.index).astype("string")
-    scored = p.notna().to_numpy()
+        scores = scores.drop_duplicates(ID)
+        row = pd.Index(scores[ID]).get_indexer(ids)  # one lookup for every column taken from the scores
+        found = row >= 0
+        p[found] = scores["churn_probability"].to_numpy(dtype="float64")[row[found]]
+        band[found] = scores["risk_band"].astype("string").to_numpy()[row[found]]
+    scored = ~np.isnan(p)
     fallback = 1.0 - out["p_alive"].to_numpy()
-    out["churn_probability"] = np.where(scored, p.to_numpy(), fallback)
+    out["churn_probability"] = np.where(scored, p, fallback)
     out["churn_source"] = pd.array(np.where(scored, CHURN_MODEL, BGNBD_FALLBACK), dtype="string")
+    band[~scored] = risk_band(pd.Series(fallback[~scored]), risk_band_edges).to_numpy()
     out["risk_band"] = band.to_numpy()
-    out.loc[~scored, "risk_band"] = risk_band(pd.Series(fallback[~scored]), risk_band_edges).to_numpy()
     out["value_at_risk"] = out["churn_probability"] * out["clv"]
     segment_columns = ["segment_id", "segment_name", "lifecycle"]
     if assignments is not None and len(assignments):
-        joined = assignments.drop_duplicates(ID).set_index(ID)[segment_columns].reindex(out[ID])
+        assignments = assignments.drop_duplicates(ID)
+        row = pd.Index(assignments[ID]).get_indexer(ids)
         for column in segment_columns:
-            out[column] = joined[column].to_numpy()
+            out[column] = assignments[column].reset_index(drop=True).reindex(row).to_numpy()
     else:
         out["segment_id"], out["segment_name"], out["lifecycle"] = -1, "unsegmented", pd.NA
     out["segment_id"] = pd.array(out["segment_id"].fillna(-1), dtype="int64")
