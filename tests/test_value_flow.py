@@ -115,3 +115,15 @@ def test_the_customer_card_by_id_and_by_pseudonym(run_dir, sample_root):
     assert unknown.stderr.strip().splitlines() == [
         f"error: customer 'no-such-customer' is not in the run as of {AS_OF} (neither a customer id nor a customer "
         "pseudonym)"]
+
+
+def test_a_repeated_run_reuses_the_value_stage_and_its_outputs(run_dir, sample_root):
+    """Resume and cache come with the flow: the same date again recomputes nothing, the value stage included."""
+    from flows.customer_analytics import customer_analytics
+
+    before = json.loads((run_dir / "_manifest.json").read_text())["artifacts"]
+    customer_analytics(as_of=AS_OF, options=PipelineOptions(data_root=str(sample_root)))
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    assert manifest["stages"]["value"].get("reused") is True
+    assert {k: v["content_hash"] for k, v in manifest["artifacts"].items() if k.startswith("value/")} == {
+        k: v["content_hash"] for k, v in before.items() if k.startswith("value/")}
