@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -20,7 +21,6 @@ from tasks.value.report import clv_by_segment_figure, skipped_section, value_sec
 
 ORDER_LINE_COLUMNS = ["customer_id", "order_id", "order_ts", "quantity", "is_return", "line_amount",
                       "returned_quantity"]
-SCORE_COLUMNS_PREFIX = ("customer_id", "churn_probability", "risk_band", "factor_")
 
 
 def key_fingerprint(run: RunSpec, **_: Any) -> str:
@@ -28,13 +28,12 @@ def key_fingerprint(run: RunSpec, **_: Any) -> str:
     return hmac.new(pseudonym_key(run.data_root), b"value-stage", hashlib.sha256).hexdigest()[:16]
 
 
-def _optional_frame(run: RunSpec, result: StageResult, name: str, columns: list[str] | None = None):
+def _optional_frame(run: RunSpec, result: StageResult, name: str, wanted: Callable[[str], bool]):
+    """The columns ``wanted`` of an upstream artifact, or None when the stage wrote none (it was skipped)."""
     if name not in result.artifacts:
         return None
     ref = result.ref(name)
-    present = pq.read_schema(ref.path).names
-    return run.store.read_frame(ref, columns=[c for c in present if columns is None or c in columns
-                                              or c.startswith(SCORE_COLUMNS_PREFIX)])
+    return run.store.read_frame(ref, columns=[c for c in pq.read_schema(ref.path).names if wanted(c)])
 
 
 @stage_task("value", fingerprint_extra=key_fingerprint)
@@ -46,10 +45,11 @@ def value(run: RunSpec, cleaned: StageResult, segmented: StageResult, churned: S
     lines_ref = cleaned.ref("order_lines")
     present = set(pq.read_schema(lines_ref.path).names)
     lines = store.read_frame(lines_ref, columns=[c for c in ORDER_LINE_COLUMNS if c in present])
-    scores = _optional_frame(run, churned, "scores", ["customer_id", "churn_probability", "risk_band"])
-    assignments = _optional_frame(run, segmented, "assignments", ["customer_id", "segment_id", "segment_name",
-                                                                  "lifecycle"])
-    recommendations = _optional_frame(run, mined, "recommendations", ["customer_id", "rank", "item"])
+    scores = _optional_frame(run, churned, "scores", lambda c: c in ("customer_id", "churn_probability",
+                                                                     "risk_band") or c.startswith("factor_"))
+    assignments = _optional_frame(run, segmented, "assignments", lambda c: c in ("customer_id", "segment_id",
+                                                                                 "segment_name", "lifecycle"))
+    recommendations = _optional_frame(run, mined, "recommendations", lambda c: c in ("customer_id", "rank", "item"))
     try:
         out = customer_value(lines, run.as_of, options, pseudonym_key(run.data_root), scores, assignments,
                              recommendations, risk_band_edges)
