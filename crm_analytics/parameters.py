@@ -229,6 +229,9 @@ class ValueOptions(BaseModel):
         "this share of the list, get a personal call instead of an automated offer.",
     )
     recommended_products: int = Field(3, ge=0, le=20, description="Recommended products listed per customer.")
+    recent_orders: int = Field(
+        5, ge=1, le=100, description="Last purchases kept per customer (value/recent_orders), for the customer card.",
+    )
 
 
 class PipelineOptions(BaseModel):

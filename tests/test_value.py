@@ -14,7 +14,7 @@ from crm_analytics.artifacts import RunStore, StageResult
 from crm_analytics.parameters import RunSpec, ValueOptions, as_of_end
 from tasks.btyd import Fit, bgnbd_expected_purchases
 from tasks.value import ValueNotPossible, action_list, customer_value, value_at_risk, value_summary
-from tasks.value.clv import ValueFits, lifetime_values
+from tasks.value.clv import ValueFits, lifetime_values, order_values, recent_orders
 
 AS_OF = date(2025, 12, 31)
 START = pd.Timestamp("2025-01-01", tz="UTC")
@@ -44,10 +44,15 @@ def test_the_summary_counts_repeat_orders_and_their_mean_value_net_of_returns():
         {"customer_id": "B", "order_id": "b1", "order_ts": START + pd.Timedelta(days=20), "quantity": 1,
          "is_return": False, "line_amount": 5.0, "returned_quantity": 0},
     ])
-    summary = value_summary(lines, START + pd.Timedelta(days=40))
+    end = START + pd.Timedelta(days=40)
+    summary = value_summary(lines, end)
     a, b = summary.loc["A"], summary.loc["B"]
     assert (a["x"], a["t_x"], a["T"], a["mean_repeat_spend"], a["total_spend"]) == (2, 30, 40, 25, 60)
     assert (b["x"], b["t_x"], b["T"], b["mean_repeat_spend"], b["total_spend"]) == (0, 0, 20, 0, 5)
+    # The card's last purchases, two per customer: by customer id, newest first; the return is no purchase.
+    recent = recent_orders(order_values(lines.iloc[::-1], end), 2)  # whatever the lines' order
+    assert recent[["customer_id", "order_id", "amount", "lines"]].values.tolist() == [
+        ["A", "a3", 30.0, 1], ["A", "a2", 20.0, 1], ["B", "b1", 5.0, 1]]
 
 
 def test_without_dropout_the_expected_purchases_are_the_gamma_poisson_rate_times_the_horizon():

@@ -33,7 +33,7 @@ def run_dir(sample_root, prefect_server):
 
 def test_the_value_outputs_are_in_the_manifest_with_the_fits(run_dir):
     manifest = json.loads((run_dir / "_manifest.json").read_text())
-    for name in ("value/customer_value", "value/actions", "value/value_by_segment",
+    for name in ("value/customer_value", "value/actions", "value/value_by_segment", "value/recent_orders",
                  "report/figure_clv_by_segment"):
         assert name in manifest["artifacts"], name
     value = manifest["stages"]["value"]
@@ -108,7 +108,8 @@ def test_the_customer_card_by_id_and_by_pseudonym(run_dir, sample_root):
     assert f"probability {top['churn_probability']:.3f}" in card and "top factors:" in card
     lines = pd.read_parquet(run_dir / "clean" / "order_lines.parquet", filters=[("customer_id", "==",
                                                                                   top["customer_id"])])
-    last = lines.loc[lines["order_ts"].idxmax()]
+    purchases = lines[~lines["is_return"]]
+    last = purchases.loc[purchases["order_ts"].idxmax()]
     assert f"{last['order_ts']:%Y-%m-%d %H:%M} {last['order_id']}" in card
     unknown = _card(sample_root, "no-such-customer")
     assert unknown.returncode == 1 and unknown.stdout == ""

@@ -56,7 +56,7 @@ def order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
     grouping the lines by their text ids twice cost more than the rest of the stage)."""
     keep = ((order_lines["order_ts"] < end) & ~order_lines["is_return"]).to_numpy(dtype=bool)
     customer_code, customer_ids = integer_codes(order_lines["customer_id"])
-    order_code, _ = integer_codes(order_lines["order_id"])
+    order_code, order_ids = integer_codes(order_lines["order_id"])
     customer_code, order_code = customer_code[keep], order_code[keep]
     amount = order_lines["line_amount"].to_numpy(dtype="float64")[keep]
     if "returned_quantity" in order_lines.columns:
@@ -66,21 +66,25 @@ def order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
         amount = amount * np.clip(kept, 0.0, 1.0)
     # One order id used by two customers is two orders, as in ``repeat_purchase_summary``.
     order, _ = pd.factorize(customer_code * (int(order_code.max(initial=0)) + 1) + order_code)
-    frame = pd.DataFrame({"order_id": order, "customer_id": customer_code,
+    frame = pd.DataFrame({"order_id": order, "customer_id": customer_code, "source_order": order_code,
                           "order_ts": order_lines["order_ts"][keep].reset_index(drop=True), "amount": amount})
     orders = frame.groupby("order_id", sort=False).agg(customer_id=("customer_id", "first"),
-                                                       order_ts=("order_ts", "min"),
-                                                       amount=("amount", "sum")).reset_index()
-    orders.attrs["customer_ids"] = customer_ids
+                                                       source_order=("source_order", "first"),
+                                                       order_ts=("order_ts", "min"), amount=("amount", "sum"),
+                                                       lines=("amount", "size")).reset_index()
+    orders.attrs.update(customer_ids=customer_ids, order_ids=order_ids)
     return orders
 
 
 def value_summary(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
     """``repeat_purchase_summary`` (x, t_x, T in days) plus the mean value of the repeat orders (the first order
-    is left out, as the Gamma-Gamma model expects: it describes spend per repeat purchase) and the orders' total.
-    The summary is computed from the orders (one row each), not again from the lines; indexed by customer id."""
-    orders = order_values(order_lines, end)
-    customer_ids = orders.attrs["customer_ids"]
+    is left out, as the Gamma-Gamma model expects: it describes spend per repeat purchase) and the orders' total;
+    indexed by customer id."""
+    return summarise_orders(order_values(order_lines, end), end)
+
+
+def summarise_orders(orders: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
+    """``value_summary`` from ``order_values``' orders (one row each), not again from the lines."""
     summary = repeat_purchase_summary(orders.assign(is_return=False), end)
     orders = orders.sort_values(["customer_id", "order_ts", "order_id"], kind="stable")
     repeat = orders[orders["customer_id"].duplicated()]  # every order but each customer's first
@@ -88,8 +92,24 @@ def value_summary(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
     repeat_mean = repeat.groupby("customer_id", sort=False)["amount"].mean()
     summary = summary.assign(mean_repeat_spend=repeat_mean.reindex(summary.index).fillna(0.0).to_numpy(),
                              total_spend=totals.reindex(summary.index).fillna(0.0).to_numpy())
-    summary.index = customer_ids[summary.index.to_numpy()].rename("customer_id")
+    summary.index = orders.attrs["customer_ids"][summary.index.to_numpy()].rename("customer_id")
     return summary
+
+
+def recent_orders(orders: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Each customer's last ``n`` purchase orders (time, lines, value net of returns), sorted by customer id and
+    then newest first: sorted so, a reader filtering one customer skips most of the file by the row groups'
+    statistics (the customer card reads it at a million customers instead of scanning every order line)."""
+    customer_ids, order_ids = orders.attrs["customer_ids"], orders.attrs["order_ids"]
+    rank = np.empty(len(customer_ids), dtype="int64")
+    rank[np.argsort(customer_ids.to_numpy(dtype=str), kind="stable")] = np.arange(len(customer_ids))
+    by_customer = orders.assign(customer_rank=rank[orders["customer_id"].to_numpy()]).sort_values(
+        ["customer_rank", "order_ts", "order_id"], ascending=[True, False, False], kind="stable")
+    last = by_customer[by_customer.groupby("customer_rank", sort=False).cumcount().to_numpy() < n]
+    return pd.DataFrame({"customer_id": customer_ids[last["customer_id"].to_numpy()].to_numpy(),
+                         "order_id": order_ids[last["source_order"].to_numpy()].to_numpy(),
+                         "order_ts": last["order_ts"].to_numpy(), "lines": last["lines"].to_numpy(),
+                         "amount": last["amount"].to_numpy()})
 
 
 def check_supports_model(summary: pd.DataFrame) -> None:
@@ -150,10 +170,18 @@ def lifetime_values(summary: pd.DataFrame, fits: ValueFits, options: ValueOption
     return out
 
 
-def customer_lifetime_values(order_lines: pd.DataFrame, as_of: date, options: ValueOptions
-                             ) -> tuple[pd.DataFrame, ValueFits]:
-    """The lifetime-value table of every customer with a purchase before the end of ``as_of``, and the fits."""
-    summary = value_summary(order_lines, as_of_end(as_of))
+class LifetimeValues(NamedTuple):
+    values: pd.DataFrame
+    fits: ValueFits
+    recent_orders: pd.DataFrame
+
+
+def customer_lifetime_values(order_lines: pd.DataFrame, as_of: date, options: ValueOptions) -> LifetimeValues:
+    """The lifetime-value table of every customer with a purchase before the end of ``as_of``, the fits, and
+    each customer's last ``options.recent_orders`` purchases."""
+    end = as_of_end(as_of)
+    orders = order_values(order_lines, end)
+    summary = summarise_orders(orders, end)
     check_supports_model(summary)
     fits = fit_value_models(summary)
-    return lifetime_values(summary, fits, options), fits
+    return LifetimeValues(lifetime_values(summary, fits, options), fits, recent_orders(orders, options.recent_orders))

@@ -17,6 +17,7 @@ class ValueOutput(NamedTuple):
     customer_value: pd.DataFrame
     actions: pd.DataFrame
     by_segment: pd.DataFrame
+    recent_orders: pd.DataFrame
     metrics: dict
 
 
@@ -24,13 +25,14 @@ def customer_value(order_lines: pd.DataFrame, as_of: date, options: ValueOptions
                    scores: pd.DataFrame | None = None, assignments: pd.DataFrame | None = None,
                    recommendations: pd.DataFrame | None = None,
                    risk_band_edges: list[float] | tuple[float, ...] = (0.3, 0.6)) -> ValueOutput:
-    """CLV per customer with a purchase before the end of ``as_of``, value at risk, the per-segment totals and
-    the ranked action list. Raises ``ValueNotPossible`` (with the reason and the fits' diagnostics) when the
-    export cannot support the model or the fit is not usable.
+    """CLV per customer with a purchase before the end of ``as_of``, value at risk, the per-segment totals, the
+    ranked action list and each customer's last purchases (for the customer card). Raises ``ValueNotPossible``
+    (with the reason and the fits' diagnostics) when the export cannot support the model or the fit is not
+    usable.
 
     Each customer also gets ``customer_id_pseudonym`` (the keyed HMAC of ``crm_analytics.privacy``): what the
     report shows, and what a list handed outside the CRM team can carry."""
-    values, fits = customer_lifetime_values(order_lines, as_of, options)
+    values, fits, recent = customer_lifetime_values(order_lines, as_of, options)
     values.insert(1, "customer_id_pseudonym",
                   pseudonymise(values[[ID]], [ID], pseudonym_key)["customer_id_pseudonym"].to_numpy())
     valued = value_at_risk(values, scores, assignments, list(risk_band_edges))
@@ -47,4 +49,4 @@ def customer_value(order_lines: pd.DataFrame, as_of: date, options: ValueOptions
         "action_rows": len(actions),
         "actions": {k: int(v) for k, v in actions["suggested_action"].value_counts().items()},
     }
-    return ValueOutput(valued, actions, value_by_segment(valued), metrics)
+    return ValueOutput(valued, actions, value_by_segment(valued), recent, metrics)

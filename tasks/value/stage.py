@@ -62,6 +62,7 @@ def value(run: RunSpec, cleaned: StageResult, segmented: StageResult, churned: S
         "customer_value": store.write_frame("value", "customer_value", out.customer_value),
         "actions": store.write_frame("value", "actions", out.actions),
         "value_by_segment": store.write_frame("value", "value_by_segment", out.by_segment),
+        "recent_orders": store.write_frame("value", "recent_orders", out.recent_orders),
     }
     artifacts.update(save_figures(store, "value", lambda: {
         "clv_by_segment": clv_by_segment_figure(out.customer_value, options.horizon_months)}))
