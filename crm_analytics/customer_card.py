@@ -1,5 +1,5 @@
 """One customer's card from a complete run: features, segment (and its history across runs), churn score with
-its top factors, lifetime value and value at risk, recommendations and last orders.
+its top factors, lifetime value and value at risk, recommendations and last purchases.
 
 Every table is read with a row filter on the customer (pyarrow pushes it down to the Parquet reader) and only
 the columns the card shows, so a card costs a few column scans, never a whole artifact in memory. Artifacts are
