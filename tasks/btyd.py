@@ -1,8 +1,10 @@
 """Buy-till-you-die models, shared by the churn stage (features) and the customer-value stage: the repeat-purchase
-summary (x, t_x, T); BG/NBD (Fader, Hardie & Lee 2005) — its fit and the probabilities of being alive and of
-staying silent for h days; Gamma-Gamma (Fader, Hardie & Lee 2005, "RFM and CLV") — its fit and the expected
-spend per purchase. Maximum likelihood with scipy (``lifetimes`` does not work on pandas 3); both fits reproduce
-the published CDNOW estimates (tests/test_bgnbd_literature.py)."""
+summary (x, t_x, T); BG/NBD (Fader, Hardie & Lee 2005) — its fit, the probabilities of being alive and of
+staying silent for h days, and the expected purchases in the next t days; Gamma-Gamma (Fader, Hardie & Lee 2005,
+"RFM and CLV") — its fit and the expected spend per purchase. Maximum likelihood with scipy (``lifetimes`` does
+not work on pandas 3); both fits reproduce the published CDNOW estimates (tests/test_bgnbd_literature.py). The
+``diagnose_*`` fits say whether their parameters can be trusted (``Fit``); ``fit_bgnbd`` / ``fit_gamma_gamma``
+keep the churn stage's plain interface."""
 
 from __future__ import annotations
 
