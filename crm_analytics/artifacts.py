@@ -34,8 +34,8 @@ from crm_analytics.errors import PermanentError
 
 MANIFEST_NAME = "_manifest.json"
 STAGE_RECORDS = "_stages"
-STAGES = ("raw", "validated", "quarantine", "clean", "features", "segments", "churn", "rules", "forecast",
-          "report")
+STAGES = ("raw", "validated", "quarantine", "clean", "features", "segments", "churn", "rules", "value",
+          "forecast", "report")
 
 
 class ArtifactRef(BaseModel):

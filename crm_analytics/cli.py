@@ -202,6 +202,21 @@ def summary(
     _print_summary(store)
 
 
+@app.command()
+def customer(
+    customer_id: Annotated[str, typer.Argument(help="A customer id as in the export, or its pseudonym.")],
+    as_of: Annotated[str, typer.Option(help="As-of date (default: the latest complete run).")] = "",
+    history: Annotated[int, typer.Option(min=1, help="Complete runs shown in the segment history.")] = 30,
+    data_root: DataRoot = None,
+) -> None:
+    """Print one customer's card: features, segment and its history, churn, CLV and value at risk,
+    recommendations, last orders."""
+    from crm_analytics.customer_card import card_run, customer_card, render_card
+
+    store = card_run(_data_root(data_root), _date(as_of, "--as-of") if as_of else None)
+    typer.echo(render_card(customer_card(store, customer_id, history)))
+
+
 def _print_summary(store: RunStore) -> None:
     manifest = store.read_manifest()
     stages = manifest["stages"]
@@ -223,6 +238,12 @@ def _print_summary(store: RunStore) -> None:
         chosen = ", ".join(f"{model} {n}" for model, n in sorted(fc["chosen_models"].items()))
         typer.echo(f"  forecast: {fc['series']} weekly series ({chosen}); {fc['fallback_to_baseline']} fell back "
                    f"to seasonal naive, {fc['not_backtested']} too short to backtest")
+    value = stages.get("value", {})
+    if "skipped" in value:
+        typer.echo(f"  value: skipped ({value['skipped']})")
+    elif value:
+        typer.echo(f"  value: {value['customers_valued']:,} customers, CLV {value['total_clv']:,.0f}, value at risk "
+                   f"{value['total_value_at_risk']:,.0f}, {value['action_rows']:,} actions")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m crm_analytics.cli`

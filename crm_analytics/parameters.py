@@ -241,6 +241,32 @@ class ForecastOptions(BaseModel):
     )
 
 
+class ValueOptions(BaseModel):
+    """Customer lifetime value (BG/NBD + Gamma-Gamma), value at risk, and the ranked action list."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    horizon_months: int = Field(12, ge=1, le=60, description="Months of future purchases the CLV counts.")
+    annual_discount_rate: float = Field(
+        0.10, ge=0.0, le=1.0, description="Yearly rate future spend is discounted at (applied month by month).",
+    )
+    action_rows: int = Field(1000, ge=1, le=1_000_000, description="Rows of the ranked action list.")
+    min_churn_probability: float = Field(
+        0.3, ge=0.0, le=1.0, description="Customers enter the action list from this churn probability up.",
+    )
+    win_back_probability: float = Field(
+        0.6, gt=0.0, le=1.0, description="Action rule: from this churn probability up, a win-back offer.",
+    )
+    outreach_share: float = Field(
+        0.05, ge=0.0, le=1.0, description="Action rule: the listed customers with the highest value at risk, "
+        "this share of the list, get a personal call instead of an automated offer.",
+    )
+    recommended_products: int = Field(3, ge=0, le=20, description="Recommended products listed per customer.")
+    recent_orders: int = Field(
+        5, ge=1, le=100, description="Last purchases kept per customer (value/recent_orders), for the customer card.",
+    )
+
+
 class PipelineOptions(BaseModel):
     """Everything about a run except its date. Defaults suit the generated sample export."""
 
@@ -262,6 +288,7 @@ class PipelineOptions(BaseModel):
     churn: ChurnOptions = ChurnOptions()
     rules: RulesOptions = RulesOptions()
     forecast: ForecastOptions = ForecastOptions()
+    value: ValueOptions = ValueOptions()
 
 
 def data_root_of(options: PipelineOptions) -> Path:

@@ -1,5 +1,5 @@
-"""The nightly/manual flow: ingest -> validate -> clean -> features -> segment -> churn -> rules -> forecast ->
-report.
+"""The nightly/manual flow: ingest -> validate -> clean -> features -> segment -> churn -> rules -> value ->
+forecast -> report.
 
 Only wiring here: each step is a task from ``tasks/`` that reads and writes artifacts and passes references.
 The run folder is complete when ``_manifest.json`` exists; it is written last. A run holds its date's lock
@@ -28,6 +28,7 @@ from tasks.report import report
 from tasks.rules import rules
 from tasks.segment import segment
 from tasks.validate import validate
+from tasks.value import value
 
 
 def default_as_of(scheduled: datetime | None = None) -> date:
@@ -111,8 +112,9 @@ def run_stages(as_of: date, options: PipelineOptions) -> str:
         segmented = segment(run, featured, options.segments, options.seed)
         churned = churn(run, cleaned, options.churn, options.seed, validated)
         mined = rules(run, cleaned, options.rules)
+        valued = value(run, cleaned, segmented, churned, mined, options.value, options.churn.risk_band_edges)
         forecasted = forecast(run, cleaned, segmented, options.forecast)
-        results = [ingested, validated, cleaned, featured, segmented, churned, mined, forecasted]
+        results = [ingested, validated, cleaned, featured, segmented, churned, mined, valued, forecasted]
         results.append(report(run, results))
         manifest = store.write_manifest(build_manifest(store, options, started_at, results))
     print(f"run complete: {store.run_dir} (manifest {manifest.name})")

@@ -1,20 +1,72 @@
 """Buy-till-you-die models, shared by the churn stage (features) and the customer-value stage: the repeat-purchase
-summary (x, t_x, T); BG/NBD (Fader, Hardie & Lee 2005) — its fit and the probabilities of being alive and of
-staying silent for h days; Gamma-Gamma (Fader, Hardie & Lee 2005, "RFM and CLV") — its fit and the expected
-spend per purchase. Maximum likelihood with scipy (``lifetimes`` does not work on pandas 3); both fits reproduce
-the published CDNOW estimates (tests/test_bgnbd_literature.py)."""
+summary (x, t_x, T); BG/NBD (Fader, Hardie & Lee 2005) — its fit, the probabilities of being alive and of
+staying silent for h days, and the expected purchases in the next t days; Gamma-Gamma (Fader, Hardie & Lee 2005,
+"RFM and CLV") — its fit and the expected spend per purchase. Maximum likelihood with scipy (``lifetimes`` does
+not work on pandas 3); both fits reproduce the published CDNOW estimates (tests/test_bgnbd_literature.py). The
+``diagnose_*`` fits say whether their parameters can be trusted (``Fit``); ``fit_bgnbd`` / ``fit_gamma_gamma``
+keep the churn stage's plain interface."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
-from scipy.special import betaln, gammaln
+from scipy.special import betaln, gammaln, hyp2f1
 
-__all__ = ["BGNBD_FIT_ROWS", "bgnbd_features", "expected_spend", "fit_bgnbd", "fit_gamma_gamma",
+__all__ = ["BGNBD_FIT_ROWS", "MIN_FIT_CUSTOMERS", "Fit", "bgnbd_expected_purchases", "bgnbd_features",
+           "diagnose_bgnbd", "diagnose_gamma_gamma", "expected_spend", "fit_bgnbd", "fit_gamma_gamma",
            "repeat_purchase_summary"]
 
 BGNBD_FIT_ROWS = 20_000
+MIN_FIT_CUSTOMERS = 50
+LOG_BOUND = 10.0  # the fits search log-parameters in [-10, 10]; a parameter at that edge has run off to 0 or infinity
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A maximum-likelihood fit with what a person needs to trust it: ``params`` is None when the fit could not
+    run at all; ``problem`` says why the parameters must not be used (no convergence, a parameter at the edge of
+    the search space, too few customers); ``usable`` is True only when there is no problem."""
+
+    names: tuple[str, ...]
+    params: np.ndarray | None
+    converged: bool
+    message: str
+    log_likelihood: float | None
+    customers: int
+    problem: str | None
+
+    @property
+    def usable(self) -> bool:
+        return self.params is not None and self.problem is None
+
+    def as_dict(self) -> dict:
+        return {"parameters": None if self.params is None else dict(zip(self.names, map(float, self.params),
+                                                                         strict=True)),
+                "converged": self.converged, "message": self.message, "log_likelihood": self.log_likelihood,
+                "customers": self.customers, "problem": self.problem}
+
+
+def _diagnosed(names: tuple[str, ...], result, customers: int, extra_problem: str | None = None) -> Fit:
+    """A ``Fit`` from a scipy result: a parameter that ran to the edge of the search space (its MLE lies at 0 or
+    infinity: e.g. no heterogeneity, no dropout at all) or a fit that did not converge is a problem, not an answer."""
+    finite = bool(np.isfinite(result.fun))
+    params = np.exp(result.x) if finite else None
+    problem = None
+    if not finite:
+        problem = "the likelihood is not finite at the optimum"
+    elif not result.success:
+        problem = f"the fit did not converge ({result.message})"
+    elif edge := [f"{n} = {np.exp(v):.3g}" for n, v in zip(names, result.x, strict=True)
+                  if abs(v) >= LOG_BOUND - 0.05]:
+        problem = (f"degenerate parameters: {', '.join(edge)} ran to the edge of the search space (the data "
+                   "carry no information on them)")
+    else:
+        problem = extra_problem
+    return Fit(names, params, bool(result.success), str(result.message),
+               None if not finite else float(-result.fun), customers, problem)
 
 
 def repeat_purchase_summary(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
@@ -30,11 +82,20 @@ def repeat_purchase_summary(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.
 def fit_bgnbd(summary: pd.DataFrame) -> np.ndarray | None:
     """Maximum-likelihood (r, alpha, a, b) of the BG/NBD model (Fader, Hardie & Lee 2005), or None if the fit
     fails. Unsupervised: it uses only purchases before the boundary, never labels."""
+    fit = diagnose_bgnbd(summary)
+    return fit.params if fit.log_likelihood is not None else None
+
+
+def diagnose_bgnbd(summary: pd.DataFrame) -> Fit:
+    """The BG/NBD fit with its diagnostics (see ``Fit``)."""
+    names = ("r", "alpha", "a", "b")
     if len(summary) > BGNBD_FIT_ROWS:  # four population parameters: a seeded sample pins them down as well
         summary = summary.sample(BGNBD_FIT_ROWS, random_state=0)
     x, tx, big_t = (summary[c].to_numpy() for c in ("x", "t_x", "T"))
-    if len(x) < 50 or not (x > 0).any():
-        return None
+    if len(x) < MIN_FIT_CUSTOMERS or not (x > 0).any():
+        why = (f"{len(x)} customers, fewer than the {MIN_FIT_CUSTOMERS} a fit needs" if len(x) < MIN_FIT_CUSTOMERS
+               else "no customer has a repeat purchase")
+        return Fit(names, None, False, "not fitted", None, len(x), why)
 
     def negative_log_likelihood(log_params: np.ndarray) -> float:
         r, alpha, a, b = np.exp(np.clip(log_params, -10, 10))
@@ -48,7 +109,24 @@ def fit_bgnbd(summary: pd.DataFrame) -> np.ndarray | None:
     # L-BFGS-B on the log parameters: Nelder-Mead stopped on the flat ridge of (a, b) 10-12 % short of the
     # maximum (CDNOW: a 0.717 / b 2.141 against the published 0.7929 / 2.4258); this reaches it to 1e-4.
     result = minimize(negative_log_likelihood, np.log([1.0, 30.0, 1.0, 1.0]), method="L-BFGS-B")
-    return np.exp(result.x) if np.isfinite(result.fun) else None
+    return _diagnosed(names, result, len(x))
+
+
+def bgnbd_expected_purchases(params: np.ndarray, summary: pd.DataFrame, days: float | np.ndarray) -> np.ndarray:
+    """E[purchases in the next ``days`` | x, t_x, T] under a fitted BG/NBD model (Fader, Hardie & Lee 2005,
+    eq. 10), per customer; ``days`` may be an array broadcast against the customers (one column per horizon)."""
+    r, alpha, a, b = params
+    if abs(a - 1.0) < 1e-6:  # the closed form has a removable singularity at a = 1
+        a = 1.0 + 1e-6
+    x, tx, big_t = (summary[c].to_numpy(dtype="float64")[:, None] for c in ("x", "t_x", "T"))
+    t = np.atleast_1d(np.asarray(days, dtype="float64"))[None, :]
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        z = t / (alpha + big_t + t)
+        inside = 1.0 - ((alpha + big_t) / (alpha + big_t + t)) ** (r + x) * hyp2f1(r + x, b + x, a + b + x - 1, z)
+        numerator = (a + b + x - 1) / (a - 1) * inside
+        odds = np.where(x > 0, a / np.maximum(b + x - 1, 1e-12) * ((alpha + big_t) / (alpha + tx)) ** (r + x), 0.0)
+        out = numerator / (1.0 + odds)
+    return out if np.ndim(days) else out[:, 0]
 
 
 def bgnbd_features(summary: pd.DataFrame, params: np.ndarray | None, horizon_days: int) -> pd.DataFrame:
@@ -71,10 +149,23 @@ def fit_gamma_gamma(repeat_purchases: np.ndarray, mean_spend: np.ndarray) -> np.
     """Maximum-likelihood (p, q, v) of the Gamma-Gamma spend model from customers with repeat purchases: their
     number of repeat purchases x and mean spend per repeat purchase; None if the fit fails or there are too few.
     It assumes spend is independent of purchase frequency (check before trusting a CLV)."""
+    fit = diagnose_gamma_gamma(repeat_purchases, mean_spend)
+    return fit.params if fit.converged and fit.log_likelihood is not None else None
+
+
+def diagnose_gamma_gamma(repeat_purchases: np.ndarray, mean_spend: np.ndarray) -> Fit:
+    """The Gamma-Gamma fit with its diagnostics (see ``Fit``); q <= 1 is degenerate too (the population's mean
+    spend p v / (q - 1) does not exist)."""
+    names = ("p", "q", "v")
     keep = (repeat_purchases > 0) & (mean_spend > 0) & np.isfinite(mean_spend)
     x, m = repeat_purchases[keep].astype("float64"), mean_spend[keep].astype("float64")
-    if len(x) < 50:
-        return None
+    if len(x) > BGNBD_FIT_ROWS:  # three population parameters: a seeded sample pins them down as well
+        sample = np.sort(np.random.default_rng(0).choice(len(x), BGNBD_FIT_ROWS, replace=False))
+        x, m = x[sample], m[sample]
+    if len(x) < MIN_FIT_CUSTOMERS:
+        return Fit(names, None, False, "not fitted", None, len(x),
+                   f"{len(x)} customers with repeat purchases and a positive spend, fewer than the "
+                   f"{MIN_FIT_CUSTOMERS} a fit needs")
 
     def negative_log_likelihood(log_params: np.ndarray) -> float:
         p, q, v = np.exp(np.clip(log_params, -10, 10))
@@ -84,7 +175,9 @@ def fit_gamma_gamma(repeat_purchases: np.ndarray, mean_spend: np.ndarray) -> np.
         return float(-ll.sum())
 
     result = minimize(negative_log_likelihood, np.log([1.0, 1.0, 1.0]), method="L-BFGS-B")
-    return np.exp(result.x) if result.success and np.isfinite(result.fun) else None
+    q = float(np.exp(result.x[1]))
+    return _diagnosed(names, result, len(x), None if q > 1 else
+                      f"degenerate parameters: q = {q:.3g} <= 1 (the population's mean spend does not exist)")
 
 
 def expected_spend(params: np.ndarray, repeat_purchases: np.ndarray, mean_spend: np.ndarray) -> np.ndarray:

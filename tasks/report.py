@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from crm_analytics.artifacts import RunStore, StageResult
 from crm_analytics.parameters import RunSpec
+from tasks.value.report import UI_ACTION_COLUMNS
 
 # Tables a person should see in the Prefect UI next to the report: (stage, artifact, key, columns, rows).
 UI_TABLES = (
@@ -26,6 +27,8 @@ UI_TABLES = (
     ("rules", "rules", "top-association-rules", ["antecedents", "consequents", "support", "confidence", "lift"], 20),
     ("forecast", "backtest", "forecast-backtest", ["series_id", "model", "mase", "mase_vs_baseline", "smape",
                                                     "coverage_80", "coverage_95", "chosen", "status"], 150),
+    ("value", "value_by_segment", "value-at-risk-by-segment", None, 50),
+    ("value", "actions", "value-action-list", UI_ACTION_COLUMNS, 20),  # pseudonymous ids only
 )
 
 

@@ -58,3 +58,14 @@ def test_the_spend_fit_reproduces_the_published_cdnow_estimates_within_one_perce
     population = p * v / (q - 1)
     assert population == pytest.approx(35.2, abs=0.1) and spend[2] == pytest.approx(population)
     assert 20.0 < spend[1] < spend[0] < population
+
+
+def test_the_conditional_expectation_reproduces_the_published_example_and_the_fit_reports_no_problem():
+    """Fader, Hardie & Lee (2005), section 5: a customer with x = 2, t_x = 30.43, T = 38.86 (weeks) is expected
+    to make 1.226 purchases in the next 39 weeks. The value stage refuses fits with a problem: this one has none."""
+    from tasks.btyd import bgnbd_expected_purchases, diagnose_bgnbd
+
+    fit = diagnose_bgnbd(cdnow_summary())
+    assert fit.usable and fit.converged and fit.log_likelihood == pytest.approx(-9582.4, abs=0.1)
+    example = pd.DataFrame({"x": [2.0], "t_x": [30.43], "T": [38.86]})
+    assert bgnbd_expected_purchases(fit.params, example, 39.0)[0] == pytest.approx(1.226, abs=0.0005)

@@ -169,6 +169,7 @@ def test_a_customer_table_with_labels_and_no_transactions(tmp_path, prefect_serv
     assert set(scores["customer_id"]) == set(table.loc[table["Churn"] == "No", "customerID"])  # still active ones
     assert stages["segment"]["k"] == 0 and stages["rules"]["baskets"] == 0
     assert "no transaction features" in report and "nothing to segment" in report and "no rules" in report
+    assert "there are no order lines" in stages["value"]["skipped"] and "## Customer value\n\n**Skipped:**" in report
 
 
 @pytest.mark.integration
@@ -188,6 +189,8 @@ def test_a_purchase_log_without_products_or_order_ids(tmp_path, prefect_server):
     churn = manifest["stages"]["churn"]
     assert churn["label_source"] == "transactions" and churn["validation_roc_auc"] > 0.7
     assert manifest["stages"]["rules"]["rules"] == 0 and "no rule is possible" in report
+    value = manifest["stages"]["value"]  # a purchase log is what the lifetime-value model describes
+    assert "skipped" not in value and value["customers_valued"] == log["id"].nunique(), value
 
 
 @pytest.mark.integration
@@ -207,3 +210,4 @@ def test_a_basket_list(tmp_path, prefect_server):
     assert len(planted) == 1 and planted["support_count"].iloc[0] == together
     reason = manifest["stages"]["churn"]["skipped"]  # undated baskets cannot be labelled
     assert "only one class" in reason and f"**Skipped:** {reason.rstrip('.')}." in report
+    assert "dated the same day" in manifest["stages"]["value"]["skipped"]
