@@ -154,6 +154,65 @@ class DeriveSpec(BaseModel):
         return columns
 
 
+class Lookup(BaseModel):
+    """Columns an entity takes from another table by key, many rows to one: an order line's customer and date from
+    its order header, a product's category name from the category table.
+
+    A lookup never multiplies a row: each row finds at most one row of the table. A row whose key the table
+    lacks, or lists more than once, is kept with its lookup columns empty and the reason in ``_parse_errors``
+    (e.g. "no order header '10248' in orders.csv"), so validation quarantines it with the key named.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    what: str = Field(description="what one row of the table is, as messages name it: 'order header', 'category'.")
+    files: str | None = Field(None, description="the table's file or glob, relative to landing_dir.")
+    query: str | None = Field(None, description="or a SQL query giving the table (may use :as_of_end).")
+    format: Literal["csv", "parquet"] = "csv"
+    daily: bool = Field(False, description="file names start with their date: only files up to the as-of date.")
+    csv: CsvOptions = CsvOptions()
+    key: dict[str, str] = Field(description="this entity's source column -> the table's column holding the same "
+                                "key; several pairs make a compound key. Blanks around keys are ignored.")
+    columns: dict[str, str] = Field(description="canonical (or kept) column of the entity -> the table's column.")
+
+    @field_validator("files")
+    @classmethod
+    def _inside_landing(cls, files: str | None) -> str | None:
+        if files is not None and (problem := files_problem(files)):
+            raise ValueError(problem)
+        return files
+
+    @model_validator(mode="after")
+    def _complete(self) -> Lookup:
+        if (self.files is None) == (self.query is None):
+            raise ValueError(f"lookup {self.what!r}: needs exactly one of files or query")
+        if not self.key or not self.columns:
+            raise ValueError(f"lookup {self.what!r}: needs the key and the columns it brings")
+        if self.daily and self.files is None:
+            raise ValueError(f"lookup {self.what!r}: only files can be daily")
+        return self
+
+    def as_source(self) -> EntitySource:
+        """The table as a source to read (its files or query, format and CSV options)."""
+        return EntitySource(files=self.files, query=self.query, format=self.format, daily=self.daily, csv=self.csv)
+
+    def shown(self) -> str:
+        """Where the table is, as messages name it: its files pattern, or "its query"."""
+        return self.files if self.files is not None else f"the {self.what} query"
+
+
+class Discount(BaseModel):
+    """Turns an order line's unit price into the price paid: the discount is part of the price, not lost."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str = Field(description="the line's source column holding the discount (empty means none).")
+    kind: Literal["fraction", "percent", "unit_amount", "line_amount"] = Field(
+        "fraction", description="fraction: 0.15 is 15 % off (Northwind's Discount); percent: 15 is 15 % off; "
+        "unit_amount: off each unit; line_amount: off the line's total (divided over its quantity).")
+
+
+
 class EntitySource(BaseModel):
     """Where one entity comes from and how its columns map onto the canonical contract."""
 
@@ -210,6 +269,11 @@ class EntitySource(BaseModel):
     cancellation_prefix: str | None = Field(
         None, description="order_id prefix that marks cancellation invoices (counted in the manifest)."
     )
+    lookup: list[Lookup] = Field(
+        default_factory=list, description="columns taken from other tables by key (order headers, categories); "
+        "see Lookup.")
+    discount: Discount | None = Field(
+        None, description="order_lines: a discount column that makes unit_price the price paid.")
 
     @field_validator("files")
     @classmethod
@@ -231,8 +295,8 @@ class EntitySource(BaseModel):
         return self
 
     def provided(self) -> set[str]:
-        """Canonical columns the mapping itself fills in (constants and compositions), not the source."""
-        return set(self.defaults) | set(self.compose)
+        """Canonical columns the mapping fills in (constants, compositions, lookups), not the source's own."""
+        return set(self.defaults) | set(self.compose) | {c for lookup in self.lookup for c in lookup.columns}
 
 
 class DatabaseSpec(BaseModel):
@@ -299,7 +363,9 @@ class SourceMapping(BaseModel):
 
     @model_validator(mode="after")
     def _database_for_queries(self) -> SourceMapping:
-        if any(s.query for s in self.entities.values()) and self.database is None:
+        queries = [s.query for s in self.entities.values()] + [lk.query for s in self.entities.values()
+                                                                for lk in s.lookup]
+        if any(queries) and self.database is None:
             self.database = DatabaseSpec()
         return self
 
@@ -484,6 +550,7 @@ def entity_problems(entity: str, source: EntitySource, entities: dict[str, Entit
                      "cancellation_prefix") if getattr(source, option) not in (None, False)]
     if source.daily and source.files is None:
         problems.append(f"{at}.daily: only files can be daily")
+    problems += lookup_problems(entity, source, known, unknown)
     if both := [column for column in source.not_personal if column in source.pii]:
         problems.append(f"{at}.not_personal: {', '.join(both)} also listed in pii")
     for column, fmt in source.formats.items():
@@ -508,6 +575,28 @@ def entity_problems(entity: str, source: EntitySource, entities: dict[str, Entit
                 problems.append(f"{at}.derive.columns.{target}: {unknown(target)}")
             elif how != "const" and column not in readable:
                 problems.append(f"{at}.derive.columns.{target}: {source.derive.from_entity} has no column {column!r}")
+    return problems
+
+
+def lookup_problems(entity: str, source: EntitySource, known: dict[str, str], unknown: Any) -> list[str]:
+    """What is wrong with an entity's lookups and discount: unknown target columns, a column that two places
+    fill in, a lookup on a derived entity."""
+    at = f"entities.{entity}"
+    problems = []
+    if source.lookup and source.derive is not None:
+        problems.append(f"{at}.lookup: a derived entity takes its columns from its origin, not from lookups")
+    filled = {c: "columns" for c in source.columns} | {c: "defaults" for c in source.defaults} | {
+        c: "compose" for c in source.compose}
+    for position, lookup in enumerate(source.lookup):
+        for column in lookup.columns:
+            where = f"{at}.lookup[{position}].columns.{column}"
+            if column not in known:
+                problems.append(f"{where}: {unknown(column)}")
+            elif column in filled:
+                problems.append(f"{where}: {column!r} is filled by {filled[column]} too; give it one origin")
+            filled[column] = f"lookup {lookup.what!r}"
+    if source.discount is not None and entity != "order_lines":
+        problems.append(f"{at}.discount: only order_lines have it")
     return problems
 
 

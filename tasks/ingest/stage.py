@@ -31,20 +31,33 @@ from tasks.ingest.columns import VALUE_LIKE, column_use, shown_columns
 from tasks.ingest.derive import derive_entity
 from tasks.ingest.history import History, file_states, load_history, reusable_history
 from tasks.ingest.lines import FIELD_COUNT, MULTILINE, NO_FINAL_NEWLINE
+from tasks.ingest.lookups import (
+    LookupTable,
+    attach_lookups,
+    lookup_problem_rows,
+    lookups_reusable,
+    read_lookup_tables,
+    repeated_keys,
+)
 from tasks.ingest.parse import empty_entity, parse_entity
 from tasks.ingest.sources import read_files, read_query
 from tasks.ingest.text_files import source_columns
 
 
 def parse_files(entity: str, mapping: SourceMapping, landing: Path, as_of: date, files: list[Path],
-                like: Path | None = None) -> pd.DataFrame:
-    """Read ``files`` of ``entity`` and parse them: the unit of work of both the local and the partitioned path."""
+                like: Path | None = None, tables: list[LookupTable] | None = None) -> pd.DataFrame:
+    """Read ``files`` of ``entity``, add its lookups' columns (``tables``: read here when not given) and parse
+    them: the unit of work of both the local and the partitioned path."""
     source = mapping.entities[entity]
     text = read_files(entity, source, landing, as_of, files, like)
-    return parse_entity(text, entity, mapping, f"{entity} files {source.files!r}")
+    where = f"{entity} files {source.files!r}"
+    if source.lookup:
+        tables = read_lookup_tables(entity, source, landing, as_of, mapping.database) if tables is None else tables
+        text, _ = attach_lookups(text, source, tables, where, set(source.pii))
+    return parse_entity(text, entity, mapping, where)
 
 
-FileParser = Callable[[str, SourceMapping, Path, date, list[Path]], pd.DataFrame]
+FileParser = Callable[..., pd.DataFrame]  # parse_files' signature
 
 
 def file_batches(files: list[Path], batches: int) -> list[list[Path]]:
@@ -64,12 +77,14 @@ def partitioned_parser(client: Any, partitions: int) -> FileParser:
     the entity's first file, as a local read does).
     """
 
-    def parse(entity: str, mapping: SourceMapping, landing: Path, as_of: date, files: list[Path]) -> pd.DataFrame:
+    def parse(entity: str, mapping: SourceMapping, landing: Path, as_of: date, files: list[Path],
+              tables: list[LookupTable] | None = None) -> pd.DataFrame:
         if len(files) < 2:
-            return parse_files(entity, mapping, landing, as_of, files)
+            return parse_files(entity, mapping, landing, as_of, files, tables=tables)
         batches = file_batches(files, 4 * partitions)
         futures = client.map(parse_files, [entity] * len(batches), [mapping] * len(batches),
-                             [landing] * len(batches), [as_of] * len(batches), batches, like=files[0])
+                             [landing] * len(batches), [as_of] * len(batches), batches, like=files[0],
+                             tables=tables)
         return pd.concat(client.gather(futures), ignore_index=True)
 
     return parse
@@ -105,16 +120,21 @@ def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_ove
             continue
         files = select_files(landing, source, as_of, entity)
         previous = (history or {}).get(entity)
-        if source.daily and reusable_history(previous, files):
+        tables = read_lookup_tables(entity, source, landing, as_of, mapping.database) if source.lookup else []
+        lookup_args = {"tables": tables} if source.lookup else {}
+        if (source.daily and reusable_history(previous, files)
+                and lookups_reusable(previous.lookups if previous else None, tables)):
             new_files = [p for p in files if str(p) not in previous.files]
             parts = [previous.frame]
             if new_files:
-                parts.append(parse(entity, mapping, landing, as_of, new_files))
+                parts.append(parse(entity, mapping, landing, as_of, new_files, **lookup_args))
             frames[entity] = pd.concat(parts, ignore_index=True) if len(parts) > 1 else previous.frame
             sources[entity] = {"mode": "incremental", "new_files": len(new_files), "files": file_states(files)}
         else:
-            frames[entity] = parse(entity, mapping, landing, as_of, files)
+            frames[entity] = parse(entity, mapping, landing, as_of, files, **lookup_args)
             sources[entity] = {"mode": "full", "files": file_states(files)}
+        if tables:
+            sources[entity]["lookups"] = lookup_record(frames[entity], source, tables)
     for entity in ("products", "order_lines"):
         if entity not in frames:
             frames[entity] = empty_entity(entity, mapping)
@@ -132,14 +152,28 @@ def landing_fingerprint(run: RunSpec, mapping_name: str, landing_dir: str | None
     mapping = load_mapping(mapping_name)
     if any(source.query for source in mapping.entities.values()):
         return None
+    if any(lookup.query for source in mapping.entities.values() for lookup in source.lookup):
+        return None
     landing = mapping.landing_path(run.data_root, landing_dir)
     parts = [resolve_mapping_path(mapping_name).read_text()]
     for entity, source in mapping.entities.items():
-        if source.files:
-            for path in select_files(landing, source, run.as_of, entity):
+        read = [source] if source.files else []
+        for table in [*read, *(lookup.as_source() for lookup in source.lookup)]:
+            for path in select_files(landing, table, run.as_of, entity):
                 stat = path.stat()
                 parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def lookup_record(frame: pd.DataFrame, source: EntitySource, tables: list[LookupTable]) -> dict[str, object]:
+    """What the lookups of one entity read and found: the tables' files, rows and repeated keys, and the rows
+    whose lookup failed (recorded in ``raw/sources.json``, so tomorrow's incremental read can judge them)."""
+    per_table = {}
+    for table in tables:
+        per_table[table.lookup.what] = {"rows": len(table.text), "files": len(table.files),
+                                        "repeated_keys": repeated_keys(table)}
+    return {"files": {path: state for table in tables for path, state in table.files.items()},
+            "problem_rows": lookup_problem_rows(frame, source), "tables": per_table}
 
 
 def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource) -> dict[str, object]:
@@ -214,6 +248,9 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
         metrics[entity] = ingest_metrics(frame, entity, mapping.source(entity))
         if entity in sources:
             metrics[entity]["read"] = sources[entity]["mode"]
+        if "lookups" in sources.get(entity, {}):
+            lookups = sources[entity]["lookups"]
+            metrics[entity]["lookups"] = {**lookups["tables"], "rows_without_single_match": lookups["problem_rows"]}
         if files := list(sources.get(entity, {}).get("files", {})):
             report, warnings = column_report(entity, mapping, Path(files[0]))
             metrics[entity].update(report)
