@@ -259,7 +259,7 @@ def price_paid(unit_price: pd.Series, quantity: pd.Series, discount_text: pd.Ser
     """The unit price net of the line's discount, and the lines whose discount is unusable ("discount='x'",
     "discount=1.5 is not a fraction from 0 to 1", a discount above the price): their price becomes null, so
     they are quarantined rather than kept at a price nobody paid. An empty discount is none."""
-    amount = discount.fillna(0.0)
+    amount = discount.astype("float64").fillna(0.0)
     price = unit_price.astype("float64")
     units = quantity.astype("float64").abs()
     if kind == "fraction":
