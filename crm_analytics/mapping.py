@@ -56,6 +56,7 @@ def expand_env(text: str) -> str:
 
 
 WHITESPACE = "whitespace"
+SOURCE_NAME = "source"  # the column naming the source of each row of an entity with several sources
 
 
 class CsvOptions(BaseModel):
@@ -274,6 +275,10 @@ class EntitySource(BaseModel):
         "see Lookup.")
     discount: Discount | None = Field(
         None, description="order_lines: a discount column that makes unit_price the price paid.")
+    sources: dict[str, EntitySource] = Field(
+        default_factory=dict, description="several sources of this entity by name (e.g. shop and loyalty), each "
+        "with its own origin and column mapping, instead of one origin here; their rows are unioned and carry the "
+        f"name in the column {SOURCE_NAME!r}.")
 
     @field_validator("files")
     @classmethod
@@ -285,8 +290,15 @@ class EntitySource(BaseModel):
     @model_validator(mode="after")
     def _one_origin(self) -> EntitySource:
         origins = [name for name in ("files", "query", "derive") if getattr(self, name) is not None]
+        if self.sources:
+            if origins:
+                raise ValueError(f"an entity with sources takes its rows from them; remove {origins}")
+            if inner := [name for name, source in self.sources.items() if source.sources or source.derive]:
+                raise ValueError(f"sources {inner}: a source is files or a query (no nested sources, no derive)")
+            return self
         if len(origins) != 1:
-            raise ValueError(f"an entity needs exactly one of files, query or derive; got {origins or 'none'}")
+            raise ValueError(f"an entity needs exactly one of files, query, derive or sources; got "
+                             f"{origins or 'none'}")
         for target, parts in self.compose.items():
             if not parts or target in parts:
                 raise ValueError(f"compose {target!r}: needs one or more other columns, got {parts}")
@@ -363,8 +375,8 @@ class SourceMapping(BaseModel):
 
     @model_validator(mode="after")
     def _database_for_queries(self) -> SourceMapping:
-        queries = [s.query for s in self.entities.values()] + [lk.query for s in self.entities.values()
-                                                                for lk in s.lookup]
+        every = [s for source in self.entities.values() for s in (source, *source.sources.values())]
+        queries = [s.query for s in every] + [lookup.query for s in every for lookup in s.lookup]
         if any(queries) and self.database is None:
             self.database = DatabaseSpec()
         return self
@@ -374,6 +386,10 @@ class SourceMapping(BaseModel):
         """Every column a key names exists in its entity, so a typo fails here, not silently at ingest."""
         problems = [problem for name, source in self.entities.items()
                     for problem in entity_problems(name, source, self.entities)]
+        for name, source in self.entities.items():  # each source of an entity with several, under its own path
+            for label, sub in source.sources.items():
+                problems += [p.replace(f"entities.{name}.", f"entities.{name}.sources.{label}.", 1)
+                             for p in entity_problems(name, sub, self.entities)]
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -383,11 +399,9 @@ class SourceMapping(BaseModel):
         """A column named ``email`` is personal even if ``pii`` forgets it (``not_personal`` opts out): a
         forgotten declaration must not put plain e-mail addresses into validated/ and clean/."""
         for name, source in self.entities.items():
-            columns = set(CANONICAL_COLUMNS[name]) | set(source.keep)
-            declared = {*source.pii, *source.not_personal}
-            added = [c for c in ALWAYS_PERSONAL if c in columns and c not in declared]
-            if added:
-                self.entities = {**self.entities, name: source.model_copy(update={"pii": [*source.pii, *added]})}
+            source = source.model_copy(update={"sources": {n: _with_always_personal(name, s)
+                                                           for n, s in source.sources.items()}})
+            self.entities = {**self.entities, name: union_of_sources(_with_always_personal(name, source))}
         return self
 
     def landing_path(self, data_root: Path, override: str | None = None) -> Path:
@@ -407,6 +421,29 @@ class SourceMapping(BaseModel):
     def read_order(self) -> list[str]:
         """Entities read from a source first, then those derived from them."""
         return sorted(self.entities, key=lambda name: (self.entities[name].derive is not None, name))
+
+
+def _with_always_personal(entity: str, source: EntitySource) -> EntitySource:
+    columns = set(CANONICAL_COLUMNS[entity]) | set(source.keep)
+    declared = {*source.pii, *source.not_personal}
+    added = [c for c in ALWAYS_PERSONAL if c in columns and c not in declared]
+    return source.model_copy(update={"pii": [*source.pii, *added]}) if added else source
+
+
+def union_of_sources(source: EntitySource) -> EntitySource:
+    """An entity with several sources, described as the rows it unions: every source keeps every source's kept
+    columns (typed alike) and the name column, and the entity's personal columns are any source's."""
+    if not source.sources:
+        return source
+    subs = source.sources.values()
+    keep = list(dict.fromkeys([c for s in subs for c in s.keep if c != SOURCE_NAME] + [SOURCE_NAME]))
+    types = {column: kind for s in subs for column, kind in s.types.items()}
+    pii = list(dict.fromkeys(c for s in subs for c in s.pii))
+    not_personal = list(dict.fromkeys(c for s in subs for c in s.not_personal if c not in pii))
+    each = {name: s.model_copy(update={"keep": [c for c in keep if c != SOURCE_NAME], "types": types, "pii": pii,
+                                       "not_personal": not_personal}) for name, s in source.sources.items()}
+    return source.model_copy(update={"keep": keep, "types": types, "pii": pii, "not_personal": not_personal,
+                                     "sources": each})
 
 
 def resolve_mapping_path(mapping: str | Path) -> Path:

@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 
 from crm_analytics.mapping import EntitySource, Lookup, SourceMapping, load_mapping
-from crm_analytics.parameters import PipelineOptions
+from crm_analytics.parameters import PipelineOptions, ValidationOptions
 from crm_analytics.schema import PARSE_ERRORS, QUARANTINE_REASON, SOURCE_FILE, SOURCE_LINE, SOURCE_LINES
 from tasks.common import SourceSchemaError
 from tasks.ingest import History, ingest_all
 from tasks.ingest.lookups import LookupTable, attach_lookups, look_up
 from tasks.ingest.parse import parse_numbers, price_paid
+from tasks.validate import publishable_outcomes, validate_all
 from tests.normalized_support import (
     HAND_CATEGORIES,
     HAND_ORDER_COUNTS,
@@ -242,3 +243,60 @@ def test_a_normalized_five_file_export_through_the_real_flow(tmp_path, prefect_s
     products = pd.read_parquet(folder / "clean" / "products.parquet").set_index("product_id")["category"]
     assert products.to_dict() == expected["categories"]
     assert products[list(HAND_CATEGORIES)].to_dict() == HAND_CATEGORIES
+
+
+# ---- several sources for one entity ---------------------------------------------------------------------------
+SEVERAL = """\
+name: shop-and-loyalty
+landing_dir: {landing}
+entities:
+  customers:
+    sources:
+      shop:
+        files: shop_customers.csv
+        columns: {{customer_id: id, email: mail, country: land}}
+      loyalty:
+        files: "loyalty/*.csv"
+        columns: {{customer_id: member_no, email: EMail, signup_date: joined}}
+        formats: {{signup_date: "%d.%m.%Y"}}
+        regex_replace: {{customer_id: {{pattern: "^", repl: "L-"}}}}   # member numbers and shop ids may collide
+        keep: [tier]
+  order_lines:
+    files: lines.csv
+"""
+
+
+def test_several_sources_of_one_entity_are_unioned_with_their_name_and_own_columns(tmp_path):
+    landing = tmp_path / "landing"
+    (landing / "loyalty").mkdir(parents=True)
+    (landing / "shop_customers.csv").write_text("id,mail,land\n1,a@example.com,DE\n2,b@example.com,FR\n")
+    (landing / "loyalty" / "members.csv").write_text("member_no,EMail,joined,tier\n1,c@example.com,02.03.2024,gold\n"
+                                                     "7,d@example.com,31.02.2024,silver\n")
+    (landing / "lines.csv").write_text("order_id,customer_id,order_ts,product_id,quantity,unit_price\n"
+                                       "o1,1,2025-01-02,p,1,2.5\no2,L-1,2025-01-03,p,2,2.5\n")
+    (tmp_path / "several.yaml").write_text(SEVERAL.format(landing=landing))
+    mapping = load_mapping(tmp_path / "several.yaml")
+    assert mapping.source("customers").pii == ["email"] and mapping.column_types("customers")["source"] == "string"
+    frames, sources = ingest_all(mapping, tmp_path, AS_OF)
+    customers = frames["customers"]
+    assert customers["customer_id"].tolist() == ["1", "2", "L-1", "L-7"]
+    assert customers["source"].tolist() == ["shop", "shop", "loyalty", "loyalty"]
+    assert customers[SOURCE_FILE].tolist() == ["shop_customers.csv"] * 2 + ["loyalty/members.csv"] * 2
+    assert customers[SOURCE_LINE].tolist() == [2, 3, 2, 3]
+    assert customers["country"].tolist()[:2] == ["DE", "FR"] and customers["country"].iloc[2:].isna().all()
+    assert customers["tier"].tolist() == [pd.NA, pd.NA, "gold", "silver"]  # kept by one source, empty in the other
+    assert customers["signup_date"].iloc[2] == pd.Timestamp("2024-03-02", tz="UTC")
+    assert customers[PARSE_ERRORS].tolist()[3] == "signup_date='31.02.2024'"  # its own format, its own errors
+    assert sources["customers"]["mode"] == "sources" and set(sources["customers"]["sources"]) == {"shop", "loyalty"}
+    outcomes = publishable_outcomes(validate_all(frames, mapping, AS_OF, ValidationOptions()), mapping, b"k" * 32)
+    written = pd.concat([outcomes["customers"].valid, outcomes["customers"].quarantine])
+    assert "email" not in written.columns and written["email_pseudonym"].notna().all()  # both sources' e-mails
+    assert outcomes["order_lines"].quarantine.empty  # L-1 is the loyalty member, 1 the shop customer
+
+    (tmp_path / "bad.yaml").write_text(SEVERAL.format(landing=landing).replace("keep: [tier]", "keep: [tier]\n"
+                                                                               "        pii: [shoe_size]"))
+    with pytest.raises(ValueError, match=r"entities\.customers\.sources\.loyalty\.pii: customers has no column "
+                                         "'shoe_size'"):
+        load_mapping(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="an entity with sources takes its rows from them"):
+        EntitySource(files="x.csv", sources={"a": EntitySource(files="a.csv")})

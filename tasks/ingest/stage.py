@@ -16,6 +16,7 @@ from crm_analytics.artifacts import StageResult
 from crm_analytics.distributed import executor_metrics, partition_count, stage_client
 from crm_analytics.frames import exact_duplicate_rows, lines_covered
 from crm_analytics.mapping import (
+    SOURCE_NAME,
     EntitySource,
     SourceMapping,
     load_mapping,
@@ -113,14 +114,31 @@ def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_ove
         if source.derive is not None:
             frames[entity] = derive_entity(frames[source.derive.from_entity], entity, mapping, as_of, earliest_date)
             continue
-        if source.query is not None:
-            text = read_query(entity, source, mapping.database, as_of)
-            frames[entity] = parse_entity(text, entity, mapping, f"{entity} query")
-            sources[entity] = {"mode": "query", "files": {}}
+        if source.sources:
+            frames[entity], sources[entity] = read_several_sources(entity, mapping, landing, as_of, parse)
             continue
+        frames[entity], sources[entity] = read_source(entity, mapping, landing, as_of,
+                                                      (history or {}).get(entity), parse)
+    for entity in ("products", "order_lines"):
+        if entity not in frames:
+            frames[entity] = empty_entity(entity, mapping)
+            sources[entity] = {"mode": "absent", "files": {}}
+    check_declared_personal_data(frames, mapping)  # an undeclared e-mail or phone column stops the run here
+    return frames, sources
+
+
+def read_source(entity: str, mapping: SourceMapping, landing: Path, as_of: date, previous: History | None = None,
+                parse: FileParser = parse_files) -> tuple[pd.DataFrame, dict]:
+    """One source of an entity (its files or query, with its lookups) parsed, and how it was read: ``full``,
+    ``incremental`` (``previous`` stands in for the unchanged files, see ``reusable_history``) or ``query``."""
+    source = mapping.entities[entity]
+    tables = read_lookup_tables(entity, source, landing, as_of, mapping.database) if source.lookup else []
+    if source.query is not None:
+        text = read_query(entity, source, mapping.database, as_of)
+        text, _ = attach_lookups(text, source, tables, f"{entity} query", set(source.pii))
+        frame, record = parse_entity(text, entity, mapping, f"{entity} query"), {"mode": "query", "files": {}}
+    else:
         files = select_files(landing, source, as_of, entity)
-        previous = (history or {}).get(entity)
-        tables = read_lookup_tables(entity, source, landing, as_of, mapping.database) if source.lookup else []
         lookup_args = {"tables": tables} if source.lookup else {}
         if (source.daily and reusable_history(previous, files)
                 and lookups_reusable(previous.lookups if previous else None, tables)):
@@ -128,19 +146,31 @@ def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_ove
             parts = [previous.frame]
             if new_files:
                 parts.append(parse(entity, mapping, landing, as_of, new_files, **lookup_args))
-            frames[entity] = pd.concat(parts, ignore_index=True) if len(parts) > 1 else previous.frame
-            sources[entity] = {"mode": "incremental", "new_files": len(new_files), "files": file_states(files)}
+            frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else previous.frame
+            record = {"mode": "incremental", "new_files": len(new_files), "files": file_states(files)}
         else:
-            frames[entity] = parse(entity, mapping, landing, as_of, files, **lookup_args)
-            sources[entity] = {"mode": "full", "files": file_states(files)}
-        if tables:
-            sources[entity]["lookups"] = lookup_record(frames[entity], source, tables)
-    for entity in ("products", "order_lines"):
-        if entity not in frames:
-            frames[entity] = empty_entity(entity, mapping)
-            sources[entity] = {"mode": "absent", "files": {}}
-    check_declared_personal_data(frames, mapping)  # an undeclared e-mail or phone column stops the run here
-    return frames, sources
+            frame = parse(entity, mapping, landing, as_of, files, **lookup_args)
+            record = {"mode": "full", "files": file_states(files)}
+    if tables:
+        record["lookups"] = lookup_record(frame, source, tables)
+    return frame, record
+
+
+def read_several_sources(entity: str, mapping: SourceMapping, landing: Path, as_of: date,
+                         parse: FileParser = parse_files) -> tuple[pd.DataFrame, dict]:
+    """An entity with several sources: each read through its own column mapping, the rows unioned in the order
+    the mapping lists the sources, each with its source's name in ``source`` (always a full read)."""
+    parent = mapping.entities[entity]
+    frames, records = [], {}
+    for label, sub in parent.sources.items():
+        one = mapping.model_copy(update={"entities": {**mapping.entities, entity: sub}})
+        frame, records[label] = read_source(entity, one, landing, as_of, None, parse)
+        frames.append(frame.assign(**{SOURCE_NAME: pd.array([label] * len(frame), dtype="string")}))
+    union = pd.concat(frames, ignore_index=True)
+    data = [c for c in union.columns if not c.startswith("_")]
+    union = union[data + [c for c in union.columns if c.startswith("_")]]  # lineage last, as one source's
+    files = {path: state for record in records.values() for path, state in record["files"].items()}
+    return union, {"mode": "sources", "files": files, "sources": records}
 
 
 def landing_fingerprint(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
@@ -150,18 +180,20 @@ def landing_fingerprint(run: RunSpec, mapping_name: str, landing_dir: str | None
     ``None`` (never reuse) when an entity comes from SQL: a table's content has no cheap fingerprint.
     """
     mapping = load_mapping(mapping_name)
-    if any(source.query for source in mapping.entities.values()):
+    every = [s for source in mapping.entities.values() for s in (source, *source.sources.values())]
+    if any(source.query for source in every):
         return None
-    if any(lookup.query for source in mapping.entities.values() for lookup in source.lookup):
+    if any(lookup.query for source in every for lookup in source.lookup):
         return None
     landing = mapping.landing_path(run.data_root, landing_dir)
     parts = [resolve_mapping_path(mapping_name).read_text()]
-    for entity, source in mapping.entities.items():
-        read = [source] if source.files else []
-        for table in [*read, *(lookup.as_source() for lookup in source.lookup)]:
-            for path in select_files(landing, table, run.as_of, entity):
-                stat = path.stat()
-                parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+    for entity, entity_source in mapping.entities.items():
+        for source in (entity_source, *entity_source.sources.values()):
+            read = [source] if source.files else []
+            for table in [*read, *(lookup.as_source() for lookup in source.lookup)]:
+                for path in select_files(landing, table, run.as_of, entity):
+                    stat = path.stat()
+                    parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -251,7 +283,7 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
         if "lookups" in sources.get(entity, {}):
             lookups = sources[entity]["lookups"]
             metrics[entity]["lookups"] = {**lookups["tables"], "rows_without_single_match": lookups["problem_rows"]}
-        if files := list(sources.get(entity, {}).get("files", {})):
+        if not mapping.source(entity).sources and (files := list(sources.get(entity, {}).get("files", {}))):
             report, warnings = column_report(entity, mapping, Path(files[0]))
             metrics[entity].update(report)
             for warning in warnings:
