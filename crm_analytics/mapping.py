@@ -214,6 +214,29 @@ class Discount(BaseModel):
 
 
 
+class IdentitySpec(BaseModel):
+    """How records of several sources (or several records of one) are resolved to one person: deterministic
+    keys, strongest first, compared on keyed pseudonyms of their normalised values (see ``tasks.identity``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys: dict[str, Literal["id", "email", "phone"]] = Field(
+        description="column -> how it is normalised before matching (id: blanks trimmed; email: blanks removed, "
+        "lower case; phone: digits with country code), in precedence order: a stronger key keeps apart records "
+        "a weaker one would join.")
+    precedence: list[str] = Field(default_factory=list, description="source names, the most trusted first: whose "
+                                  "attribute wins when sources disagree (default: the order of the sources).")
+    phone_country_code: str | None = Field(None, description="digits of the country code of national numbers (a "
+                                           "leading 0), e.g. '44': 020 7946 0958 is +44 20 7946 0958.")
+
+    @field_validator("phone_country_code")
+    @classmethod
+    def _digits(cls, code: str | None) -> str | None:
+        if code is not None and not re.fullmatch(r"[1-9]\d{0,2}", code):
+            raise ValueError(f"phone_country_code {code!r}: one to three digits without + or 00, e.g. '44'")
+        return code
+
+
 class EntitySource(BaseModel):
     """Where one entity comes from and how its columns map onto the canonical contract."""
 
@@ -275,6 +298,8 @@ class EntitySource(BaseModel):
         "see Lookup.")
     discount: Discount | None = Field(
         None, description="order_lines: a discount column that makes unit_price the price paid.")
+    identity: IdentitySpec | None = Field(
+        None, description="customers: resolve one person across sources by declared keys (see IdentitySpec).")
     sources: dict[str, EntitySource] = Field(
         default_factory=dict, description="several sources of this entity by name (e.g. shop and loyalty), each "
         "with its own origin and column mapping, instead of one origin here; their rows are unioned and carry the "
@@ -401,7 +426,11 @@ class SourceMapping(BaseModel):
         for name, source in self.entities.items():
             source = source.model_copy(update={"sources": {n: _with_always_personal(name, s)
                                                            for n, s in source.sources.items()}})
-            self.entities = {**self.entities, name: union_of_sources(_with_always_personal(name, source))}
+            source = union_of_sources(_with_always_personal(name, source))
+            if source.identity is not None and not source.identity.precedence:
+                source = source.model_copy(update={"identity": source.identity.model_copy(
+                    update={"precedence": list(source.sources)})})
+            self.entities = {**self.entities, name: source}
         return self
 
     def landing_path(self, data_root: Path, override: str | None = None) -> Path:
@@ -634,6 +663,14 @@ def lookup_problems(entity: str, source: EntitySource, known: dict[str, str], un
             filled[column] = f"lookup {lookup.what!r}"
     if source.discount is not None and entity != "order_lines":
         problems.append(f"{at}.discount: only order_lines have it")
+    if (spec := source.identity) is not None:
+        if entity != "customers":
+            problems.append(f"{at}.identity: only customers have it")
+        columns = set(known) | {c for s in source.sources.values() for c in s.keep}
+        problems += [f"{at}.identity.keys.{column}: {unknown(column)}" for column in spec.keys
+                     if column not in columns]
+        problems += [f"{at}.identity.precedence: {name!r} is not one of the sources {list(source.sources)}"
+                     for name in spec.precedence if name not in source.sources]
     return problems
 
 
