@@ -173,10 +173,10 @@ def attach_lookups(text: pd.DataFrame, source: EntitySource, tables: list[Lookup
     """
     if not tables:
         return text, {}
-    text = text.copy()
+    text = text.copy(deep=False)
     mapped_from = {column: canonical for canonical, column in source.columns.items()}
-    errors = text[PARSE_ERRORS].astype(object).to_numpy(copy=True) if PARSE_ERRORS in text.columns else np.full(
-        len(text), None, dtype=object)
+    errors = (text[PARSE_ERRORS] if PARSE_ERRORS in text.columns
+              else pd.Series(pd.NA, index=text.index, dtype="string")).astype("string")
     counts = {}
     for table in tables:
         key_columns = []
@@ -191,11 +191,11 @@ def attach_lookups(text: pd.DataFrame, source: EntitySource, tables: list[Lookup
         for target, values in columns.items():
             text[target] = values
         hit = np.flatnonzero(problems != None)  # noqa: E711 - element-wise on an object array
-        if len(hit):
-            before = errors[hit]
-            errors[hit] = [p if b is None or pd.isna(b) else f"{b}; {p}" for b, p in zip(before, problems[hit],
-                                                                                      strict=True)]
-    text[PARSE_ERRORS] = pd.array(errors, dtype="string")
+        if len(hit):  # only the few rows with a problem are touched: a clean export costs nothing here
+            before = errors.iloc[hit]
+            errors.iloc[hit] = np.where(before.isna().to_numpy(), problems[hit],
+                                        before.fillna("").to_numpy(dtype=object) + "; " + problems[hit])
+    text[PARSE_ERRORS] = errors
     return text, counts
 
 
