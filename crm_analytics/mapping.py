@@ -19,10 +19,19 @@ import re
 import zoneinfo
 from datetime import date
 from pathlib import Path, PurePath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from crm_analytics.errors import InputError, MappingError, MissingInputError
 from crm_analytics.privacy import ALWAYS_PERSONAL, KEY_COLUMNS
@@ -155,6 +164,15 @@ class DeriveSpec(BaseModel):
         return columns
 
 
+def _inside_landing(files: str | None) -> str | None:
+    if files is not None and (problem := files_problem(files)):
+        raise ValueError(problem)
+    return files
+
+
+LandingFiles = Annotated[str | None, AfterValidator(_inside_landing)]  # a files pattern that stays inside landing_dir
+
+
 class Lookup(BaseModel):
     """Columns an entity takes from another table by key, many rows to one: an order line's customer and date from
     its order header, a product's category name from the category table.
@@ -167,7 +185,7 @@ class Lookup(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     what: str = Field(description="what one row of the table is, as messages name it: 'order header', 'category'.")
-    files: str | None = Field(None, description="the table's file or glob, relative to landing_dir.")
+    files: LandingFiles = Field(None, description="the table's file or glob, relative to landing_dir.")
     query: str | None = Field(None, description="or a SQL query giving the table (may use :as_of_end).")
     format: Literal["csv", "parquet"] = "csv"
     daily: bool = Field(False, description="file names start with their date: only files up to the as-of date.")
@@ -175,13 +193,6 @@ class Lookup(BaseModel):
     key: dict[str, str] = Field(description="this entity's source column -> the table's column holding the same "
                                 "key; several pairs make a compound key. Blanks around keys are ignored.")
     columns: dict[str, str] = Field(description="canonical (or kept) column of the entity -> the table's column.")
-
-    @field_validator("files")
-    @classmethod
-    def _inside_landing(cls, files: str | None) -> str | None:
-        if files is not None and (problem := files_problem(files)):
-            raise ValueError(problem)
-        return files
 
     @model_validator(mode="after")
     def _complete(self) -> Lookup:
@@ -242,7 +253,7 @@ class EntitySource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    files: str | None = Field(None, description="File or glob, relative to the landing folder (no absolute path, "
+    files: LandingFiles = Field(None, description="File or glob, relative to the landing folder (no absolute path, "
                               "no '..'): every file read stays inside it; set landing_dir to choose the folder.")
     query: str | None = Field(None, description="SQL query; may use :as_of_end (first instant after the as-of date).")
     derive: DeriveSpec | None = None
@@ -304,13 +315,6 @@ class EntitySource(BaseModel):
         default_factory=dict, description="several sources of this entity by name (e.g. shop and loyalty), each "
         "with its own origin and column mapping, instead of one origin here; their rows are unioned and carry the "
         f"name in the column {SOURCE_NAME!r}.")
-
-    @field_validator("files")
-    @classmethod
-    def _inside_landing(cls, files: str | None) -> str | None:
-        if files is not None and (problem := files_problem(files)):
-            raise ValueError(problem)
-        return files
 
     @model_validator(mode="after")
     def _one_origin(self) -> EntitySource:

@@ -247,7 +247,7 @@ def test_a_normalized_five_file_export_through_the_real_flow(tmp_path, prefect_s
 
 # ---- several sources for one entity ---------------------------------------------------------------------------
 SEVERAL = """\
-name: shop-and-loyalty
+name: two-customer-sources
 landing_dir: {landing}
 entities:
   customers:
@@ -300,3 +300,17 @@ def test_several_sources_of_one_entity_are_unioned_with_their_name_and_own_colum
         load_mapping(tmp_path / "bad.yaml")
     with pytest.raises(ValueError, match="an entity with sources takes its rows from them"):
         EntitySource(files="x.csv", sources={"a": EntitySource(files="a.csv")})
+
+
+def test_the_readme_examples_load(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    northwind = readme.split("```yaml\nname: northwind\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "northwind.yaml").write_text("name: northwind\n" + northwind)
+    mapping = load_mapping(tmp_path / "northwind.yaml")
+    assert [lookup.what for lookup in mapping.entities["order_lines"].lookup] == ["order header"]
+    assert mapping.entities["order_lines"].discount.kind == "fraction"
+    several = readme.split("```yaml\n  customers:\n    sources:\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "several.yaml").write_text("entities:\n  customers:\n    sources:\n" + several
+                                           + "  order_lines: {files: lines.csv}\n")
+    identity = load_mapping(tmp_path / "several.yaml").source("customers").identity
+    assert list(identity.keys) == ["member_id", "email", "phone"] and identity.precedence == ["loyalty", "shop"]
