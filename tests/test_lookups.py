@@ -14,7 +14,7 @@ from crm_analytics.mapping import EntitySource, Lookup, SourceMapping, load_mapp
 from crm_analytics.parameters import PipelineOptions, ValidationOptions
 from crm_analytics.schema import PARSE_ERRORS, QUARANTINE_REASON, SOURCE_FILE, SOURCE_LINE, SOURCE_LINES
 from tasks.common import SourceSchemaError
-from tasks.ingest import History, ingest_all
+from tasks.ingest import History, ingest_all, ingest_metrics
 from tasks.ingest.lookups import LookupTable, attach_lookups, look_up
 from tasks.ingest.parse import parse_numbers, price_paid
 from tasks.validate import publishable_outcomes, validate_all
@@ -288,6 +288,8 @@ def test_several_sources_of_one_entity_are_unioned_with_their_name_and_own_colum
     assert customers["signup_date"].iloc[2] == pd.Timestamp("2024-03-02", tz="UTC")
     assert customers[PARSE_ERRORS].tolist()[3] == "signup_date='31.02.2024'"  # its own format, its own errors
     assert sources["customers"]["mode"] == "sources" and set(sources["customers"]["sources"]) == {"shop", "loyalty"}
+    assert ingest_metrics(customers, "customers", mapping.source("customers"))["rows_by_source"] == {
+        "shop": 2, "loyalty": 2}
     outcomes = publishable_outcomes(validate_all(frames, mapping, AS_OF, ValidationOptions()), mapping, b"k" * 32)
     written = pd.concat([outcomes["customers"].valid, outcomes["customers"].quarantine])
     assert "email" not in written.columns and written["email_pseudonym"].notna().all()  # both sources' e-mails

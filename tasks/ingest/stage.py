@@ -221,6 +221,8 @@ def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource) -> di
         "exact_duplicate_rows": int(exact_duplicate_rows(frame, data_columns).sum()),  # as the clean stage drops them
         **line_metrics(frame, source),
     }
+    if source.sources:
+        metrics["rows_by_source"] = {label: int((frame[SOURCE_NAME] == label).sum()) for label in source.sources}
     if "customer_id" in frame.columns:
         metrics["rows_with_customer_id"] = int(frame["customer_id"].notna().sum())
         metrics["distinct_customer_ids"] = int(frame["customer_id"].nunique())
