@@ -32,7 +32,7 @@ from crm_analytics.parameters import RunSpec
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import LINEAGE_COLUMNS
 from tasks.common import stage_logger, stage_task
-from tasks.identity import resolve_identity
+from tasks.identity import identity_section, resolve_identity
 
 LINE_KEY_COLUMNS = ["order_id", "customer_id", "order_ts", "product_id", "quantity", "unit_price"]
 # Customer attributes copied onto every order line (when the customers table has them and the lines do not).
@@ -342,9 +342,9 @@ def clean(run: RunSpec, validated: StageResult, mapping_name: str | None = None)
         "products": store.write_frame("clean", "products", out.products),
         "order_lines": store.write_frame("clean", "order_lines", out.order_lines),
     }
-    metrics = {**out.stats, "executor": ran_on}
+    metrics, section = {**out.stats, "executor": ran_on}, cleaning_section(out.stats)
     if people is not None:
         artifacts["customer_identity"] = store.write_frame("clean", "customer_identity", people.crosswalk)
         metrics["identity"] = people.stats
-    return StageResult(stage="clean", artifacts=artifacts, metrics=metrics,
-                       report_section=cleaning_section(out.stats))
+        section += identity_section(people.stats)
+    return StageResult(stage="clean", artifacts=artifacts, metrics=metrics, report_section=section)

@@ -32,7 +32,7 @@ import pandas as pd
 from crm_analytics.mapping import SOURCE_NAME, EntitySource, IdentitySpec
 from crm_analytics.privacy import PSEUDONYM_SUFFIX
 
-__all__ = ["MATCH_PREFIX", "IdentityOutput", "match_columns", "normalised_keys", "resolve_identity",
+__all__ = ["MATCH_PREFIX", "IdentityOutput", "identity_section", "match_columns", "normalised_keys", "resolve_identity",
            "resolve_people", "with_match_keys"]
 
 MATCH_PREFIX = "_match_"
@@ -181,3 +181,14 @@ def resolve_identity(customers: pd.DataFrame, order_lines: pd.DataFrame, spec: I
              **counts,
              "attribute_conflicts": {c: int(n) for c, n in (conflicts > 1).sum().items() if n}}
     return IdentityOutput(people, lines, crosswalk, stats)
+
+
+def identity_section(stats: dict[str, Any]) -> str:
+    """The report's lines on identity: records, people, how they were joined, conflicts."""
+    joined = ", ".join(f"{n:,} by {key.removeprefix('joined_by_')}" for key, n in stats.items()
+                       if key.startswith("joined_by_") and n) or "none"
+    conflicts = ", ".join(f"{column} ({n:,})" for column, n in stats["attribute_conflicts"].items()) or "none"
+    return (f"\n\n**Identity:** {stats['records']:,} customer records are {stats['people']:,} people "
+            f"({stats['people_in_several_sources']:,} in several sources); records joined: {joined}; "
+            f"{stats['ambiguous_groups']:,} groups left apart because a stronger key differs; people whose sources "
+            f"disagree: {conflicts} (the most trusted source's value is kept). See clean/customer_identity.parquet.")

@@ -157,6 +157,9 @@ def test_one_person_across_two_sources_through_the_real_flow(tmp_path, prefect_s
     assert crosswalk.set_index("source_id")["person_id"].to_dict() == PEOPLE
     identity = manifest["stages"]["clean"]["identity"]
     assert identity["people"] == 7 and identity["attribute_conflicts"] == {"country": 1, "email_pseudonym": 1}
+    report = (folder / "report" / "report.md").read_text()
+    assert ("**Identity:** 10 customer records are 7 people (3 in several sources); records joined: 2 by member_id, "
+            "2 by email, 2 by phone; 1 groups left apart") in report
     lines = pd.read_parquet(folder / "clean" / "order_lines.parquet")
     assert set(lines["customer_id"]) == set(PEOPLE.values())
     assert manifest["reconciliation"]["customers"]["rows_in"] == 10
