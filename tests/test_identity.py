@@ -167,3 +167,33 @@ def test_one_person_across_two_sources_through_the_real_flow(tmp_path, prefect_s
         if path.parent.name != "raw":
             text = pd.read_parquet(path).astype(str).to_csv()
             assert "@example.com" not in text.lower() and "7700 900" not in text and "447700900" not in text, path
+
+
+def test_per_order_customer_ids_that_map_to_one_person_through_a_lookup(tmp_path):
+    from tasks.ingest import ingest_all
+
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "customers.csv").write_text("CustNo,Land\nc1,DE\nc2,\nc3,FR\n")  # one customer id per order
+    (landing / "persons.csv").write_text("CustNo,PersonNo\nc1,P1\nc2,P1\nc3,P2\n")
+    (landing / "lines.csv").write_text("order_id,customer_id,order_ts,product_id,quantity,unit_price\n"
+                                       "o1,c1,2025-01-02,p,1,2\no2,c2,2025-02-02,p,1,2\no3,c3,2025-03-02,p,1,2\n")
+    (tmp_path / "m.yaml").write_text(f"""\
+landing_dir: {landing}
+entities:
+  customers:
+    files: customers.csv
+    columns: {{customer_id: CustNo, country: Land}}
+    keep: [person]
+    lookup: [{{what: person, files: persons.csv, key: {{CustNo: CustNo}}, columns: {{person: PersonNo}}}}]
+    identity: {{keys: {{person: id}}}}
+  order_lines:
+    files: lines.csv
+""")
+    mapping = load_mapping(tmp_path / "m.yaml")
+    frames, _ = ingest_all(mapping, tmp_path, AS_OF)
+    customers = with_match_keys(frames["customers"], mapping.source("customers"), b"k" * 32)
+    out = resolve_identity(customers, frames["order_lines"], mapping.source("customers").identity)
+    assert out.crosswalk.set_index("source_id")["person_id"].to_dict() == {"c1": "c1", "c2": "c1", "c3": "c3"}
+    assert out.customers.set_index("customer_id")["country"].to_dict() == {"c1": "DE", "c3": "FR"}
+    assert out.order_lines.groupby("customer_id")["order_id"].nunique().to_dict() == {"c1": 2, "c3": 1}
