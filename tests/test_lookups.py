@@ -14,7 +14,7 @@ from crm_analytics.mapping import EntitySource, Lookup, SourceMapping, load_mapp
 from crm_analytics.parameters import PipelineOptions, ValidationOptions
 from crm_analytics.schema import PARSE_ERRORS, QUARANTINE_REASON, SOURCE_FILE, SOURCE_LINE, SOURCE_LINES
 from tasks.common import SourceSchemaError
-from tasks.ingest import History, ingest_all, ingest_metrics
+from tasks.ingest import History, ingest_all, ingest_metrics, parse_files
 from tasks.ingest.lookups import LookupTable, attach_lookups, look_up
 from tasks.ingest.parse import parse_numbers, price_paid
 from tasks.validate import publishable_outcomes, validate_all
@@ -317,3 +317,22 @@ def test_the_readme_examples_load(tmp_path):
                                            + "  order_lines: {files: lines.csv}\n")
     identity = load_mapping(tmp_path / "several.yaml").source("customers").identity
     assert list(identity.keys) == ["member_id", "email", "phone"] and identity.precedence == ["loyalty", "shop"]
+
+
+def test_a_lookup_may_use_a_column_an_earlier_lookup_brought(tmp_path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "products.csv").write_text("sku,sub\np1,s1\np2,s2\np3,s9\n")
+    (landing / "subcategories.csv").write_text("sub,cat\ns1,c1\ns2,c2\n")
+    (landing / "categories.csv").write_text("cat,name\nc1,Tea\nc2,Coffee\n")
+    mapping = SourceMapping.model_validate({"landing_dir": str(landing), "entities": {
+        "customers": {"files": "c.csv"}, "order_lines": {"files": "l.csv"},
+        "products": {"files": "products.csv", "columns": {"product_id": "sku"}, "keep": ["category_id"],
+                     "lookup": [{"what": "subcategory", "files": "subcategories.csv", "key": {"sub": "sub"},
+                                 "columns": {"category_id": "cat"}},
+                                {"what": "category", "files": "categories.csv", "key": {"category_id": "cat"},
+                                 "columns": {"category": "name"}}]}}})
+    products = parse_files("products", mapping, landing, AS_OF, [landing / "products.csv"])
+    assert products["category"].tolist() == ["Tea", "Coffee", pd.NA]
+    assert products[PARSE_ERRORS].tolist() == [pd.NA, pd.NA, "no subcategory 's9' in subcategories.csv; no "
+                                               "category: category_id is empty"]
