@@ -19,10 +19,19 @@ import re
 import zoneinfo
 from datetime import date
 from pathlib import Path, PurePath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from crm_analytics.errors import InputError, MappingError, MissingInputError
 from crm_analytics.privacy import ALWAYS_PERSONAL, KEY_COLUMNS
@@ -56,6 +65,7 @@ def expand_env(text: str) -> str:
 
 
 WHITESPACE = "whitespace"
+SOURCE_NAME = "source"  # the column naming the source of each row of an entity with several sources
 
 
 class CsvOptions(BaseModel):
@@ -154,12 +164,96 @@ class DeriveSpec(BaseModel):
         return columns
 
 
+def _inside_landing(files: str | None) -> str | None:
+    if files is not None and (problem := files_problem(files)):
+        raise ValueError(problem)
+    return files
+
+
+LandingFiles = Annotated[str | None, AfterValidator(_inside_landing)]  # a files pattern that stays inside landing_dir
+
+
+class Lookup(BaseModel):
+    """Columns an entity takes from another table by key, many rows to one: an order line's customer and date from
+    its order header, a product's category name from the category table.
+
+    A lookup never multiplies a row: each row finds at most one row of the table. A row whose key the table
+    lacks, or lists more than once, is kept with its lookup columns empty and the reason in ``_parse_errors``
+    (e.g. "no order header '10248' in orders.csv"), so validation quarantines it with the key named.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    what: str = Field(description="what one row of the table is, as messages name it: 'order header', 'category'.")
+    files: LandingFiles = Field(None, description="the table's file or glob, relative to landing_dir.")
+    query: str | None = Field(None, description="or a SQL query giving the table (may use :as_of_end).")
+    format: Literal["csv", "parquet"] = "csv"
+    daily: bool = Field(False, description="file names start with their date: only files up to the as-of date.")
+    csv: CsvOptions = CsvOptions()
+    key: dict[str, str] = Field(description="this entity's source column -> the table's column holding the same "
+                                "key; several pairs make a compound key. Blanks around keys are ignored.")
+    columns: dict[str, str] = Field(description="canonical (or kept) column of the entity -> the table's column.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> Lookup:
+        if (self.files is None) == (self.query is None):
+            raise ValueError(f"lookup {self.what!r}: needs exactly one of files or query")
+        if not self.key or not self.columns:
+            raise ValueError(f"lookup {self.what!r}: needs the key and the columns it brings")
+        if self.daily and self.files is None:
+            raise ValueError(f"lookup {self.what!r}: only files can be daily")
+        return self
+
+    def as_source(self) -> EntitySource:
+        """The table as a source to read (its files or query, format and CSV options)."""
+        return EntitySource(files=self.files, query=self.query, format=self.format, daily=self.daily, csv=self.csv)
+
+    def shown(self) -> str:
+        """Where the table is, as messages name it: its files pattern, or "its query"."""
+        return self.files if self.files is not None else f"the {self.what} query"
+
+
+class Discount(BaseModel):
+    """Turns an order line's unit price into the price paid: the discount is part of the price, not lost."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    column: str = Field(description="the line's source column holding the discount (empty means none).")
+    kind: Literal["fraction", "percent", "unit_amount", "line_amount"] = Field(
+        "fraction", description="fraction: 0.15 is 15 % off (Northwind's Discount); percent: 15 is 15 % off; "
+        "unit_amount: off each unit; line_amount: off the line's total (divided over its quantity).")
+
+
+
+class IdentitySpec(BaseModel):
+    """How records of several sources (or several records of one) are resolved to one person: deterministic
+    keys, strongest first, compared on keyed pseudonyms of their normalised values (see ``tasks.identity``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys: dict[str, Literal["id", "email", "phone"]] = Field(
+        description="column -> how it is normalised before matching (id: blanks trimmed; email: blanks removed, "
+        "lower case; phone: digits with country code), in precedence order: a stronger key keeps apart records "
+        "a weaker one would join.")
+    precedence: list[str] = Field(default_factory=list, description="source names, the most trusted first: whose "
+                                  "attribute wins when sources disagree (default: the order of the sources).")
+    phone_country_code: str | None = Field(None, description="digits of the country code of national numbers (a "
+                                           "leading 0), e.g. '44': 020 7946 0958 is +44 20 7946 0958.")
+
+    @field_validator("phone_country_code")
+    @classmethod
+    def _digits(cls, code: str | None) -> str | None:
+        if code is not None and not re.fullmatch(r"[1-9]\d{0,2}", code):
+            raise ValueError(f"phone_country_code {code!r}: one to three digits without + or 00, e.g. '44'")
+        return code
+
+
 class EntitySource(BaseModel):
     """Where one entity comes from and how its columns map onto the canonical contract."""
 
     model_config = ConfigDict(extra="forbid")
 
-    files: str | None = Field(None, description="File or glob, relative to the landing folder (no absolute path, "
+    files: LandingFiles = Field(None, description="File or glob, relative to the landing folder (no absolute path, "
                               "no '..'): every file read stays inside it; set landing_dir to choose the folder.")
     query: str | None = Field(None, description="SQL query; may use :as_of_end (first instant after the as-of date).")
     derive: DeriveSpec | None = None
@@ -210,19 +304,30 @@ class EntitySource(BaseModel):
     cancellation_prefix: str | None = Field(
         None, description="order_id prefix that marks cancellation invoices (counted in the manifest)."
     )
-
-    @field_validator("files")
-    @classmethod
-    def _inside_landing(cls, files: str | None) -> str | None:
-        if files is not None and (problem := files_problem(files)):
-            raise ValueError(problem)
-        return files
+    lookup: list[Lookup] = Field(
+        default_factory=list, description="columns taken from other tables by key (order headers, categories); "
+        "see Lookup.")
+    discount: Discount | None = Field(
+        None, description="order_lines: a discount column that makes unit_price the price paid.")
+    identity: IdentitySpec | None = Field(
+        None, description="customers: resolve one person across sources by declared keys (see IdentitySpec).")
+    sources: dict[str, EntitySource] = Field(
+        default_factory=dict, description="several sources of this entity by name (e.g. shop and loyalty), each "
+        "with its own origin and column mapping, instead of one origin here; their rows are unioned and carry the "
+        f"name in the column {SOURCE_NAME!r}.")
 
     @model_validator(mode="after")
     def _one_origin(self) -> EntitySource:
         origins = [name for name in ("files", "query", "derive") if getattr(self, name) is not None]
+        if self.sources:
+            if origins:
+                raise ValueError(f"an entity with sources takes its rows from them; remove {origins}")
+            if inner := [name for name, source in self.sources.items() if source.sources or source.derive]:
+                raise ValueError(f"sources {inner}: a source is files or a query (no nested sources, no derive)")
+            return self
         if len(origins) != 1:
-            raise ValueError(f"an entity needs exactly one of files, query or derive; got {origins or 'none'}")
+            raise ValueError(f"an entity needs exactly one of files, query, derive or sources; got "
+                             f"{origins or 'none'}")
         for target, parts in self.compose.items():
             if not parts or target in parts:
                 raise ValueError(f"compose {target!r}: needs one or more other columns, got {parts}")
@@ -231,8 +336,8 @@ class EntitySource(BaseModel):
         return self
 
     def provided(self) -> set[str]:
-        """Canonical columns the mapping itself fills in (constants and compositions), not the source."""
-        return set(self.defaults) | set(self.compose)
+        """Canonical columns the mapping fills in (constants, compositions, lookups), not the source's own."""
+        return set(self.defaults) | set(self.compose) | {c for lookup in self.lookup for c in lookup.columns}
 
 
 class DatabaseSpec(BaseModel):
@@ -299,7 +404,9 @@ class SourceMapping(BaseModel):
 
     @model_validator(mode="after")
     def _database_for_queries(self) -> SourceMapping:
-        if any(s.query for s in self.entities.values()) and self.database is None:
+        every = [s for source in self.entities.values() for s in (source, *source.sources.values())]
+        queries = [s.query for s in every] + [lookup.query for s in every for lookup in s.lookup]
+        if any(queries) and self.database is None:
             self.database = DatabaseSpec()
         return self
 
@@ -308,6 +415,10 @@ class SourceMapping(BaseModel):
         """Every column a key names exists in its entity, so a typo fails here, not silently at ingest."""
         problems = [problem for name, source in self.entities.items()
                     for problem in entity_problems(name, source, self.entities)]
+        for name, source in self.entities.items():  # each source of an entity with several, under its own path
+            for label, sub in source.sources.items():
+                problems += [p.replace(f"entities.{name}.", f"entities.{name}.sources.{label}.", 1)
+                             for p in entity_problems(name, sub, self.entities)]
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -317,11 +428,13 @@ class SourceMapping(BaseModel):
         """A column named ``email`` is personal even if ``pii`` forgets it (``not_personal`` opts out): a
         forgotten declaration must not put plain e-mail addresses into validated/ and clean/."""
         for name, source in self.entities.items():
-            columns = set(CANONICAL_COLUMNS[name]) | set(source.keep)
-            declared = {*source.pii, *source.not_personal}
-            added = [c for c in ALWAYS_PERSONAL if c in columns and c not in declared]
-            if added:
-                self.entities = {**self.entities, name: source.model_copy(update={"pii": [*source.pii, *added]})}
+            source = source.model_copy(update={"sources": {n: _with_always_personal(name, s)
+                                                           for n, s in source.sources.items()}})
+            source = union_of_sources(_with_always_personal(name, source))
+            if source.identity is not None and not source.identity.precedence:
+                source = source.model_copy(update={"identity": source.identity.model_copy(
+                    update={"precedence": list(source.sources)})})
+            self.entities = {**self.entities, name: source}
         return self
 
     def landing_path(self, data_root: Path, override: str | None = None) -> Path:
@@ -341,6 +454,29 @@ class SourceMapping(BaseModel):
     def read_order(self) -> list[str]:
         """Entities read from a source first, then those derived from them."""
         return sorted(self.entities, key=lambda name: (self.entities[name].derive is not None, name))
+
+
+def _with_always_personal(entity: str, source: EntitySource) -> EntitySource:
+    columns = set(CANONICAL_COLUMNS[entity]) | set(source.keep)
+    declared = {*source.pii, *source.not_personal}
+    added = [c for c in ALWAYS_PERSONAL if c in columns and c not in declared]
+    return source.model_copy(update={"pii": [*source.pii, *added]}) if added else source
+
+
+def union_of_sources(source: EntitySource) -> EntitySource:
+    """An entity with several sources, described as the rows it unions: every source keeps every source's kept
+    columns (typed alike) and the name column, and the entity's personal columns are any source's."""
+    if not source.sources:
+        return source
+    subs = source.sources.values()
+    keep = list(dict.fromkeys([c for s in subs for c in s.keep if c != SOURCE_NAME] + [SOURCE_NAME]))
+    types = {column: kind for s in subs for column, kind in s.types.items()}
+    pii = list(dict.fromkeys(c for s in subs for c in s.pii))
+    not_personal = list(dict.fromkeys(c for s in subs for c in s.not_personal if c not in pii))
+    each = {name: s.model_copy(update={"keep": [c for c in keep if c != SOURCE_NAME], "types": types, "pii": pii,
+                                       "not_personal": not_personal}) for name, s in source.sources.items()}
+    return source.model_copy(update={"keep": keep, "types": types, "pii": pii, "not_personal": not_personal,
+                                     "sources": each})
 
 
 def resolve_mapping_path(mapping: str | Path) -> Path:
@@ -484,6 +620,7 @@ def entity_problems(entity: str, source: EntitySource, entities: dict[str, Entit
                      "cancellation_prefix") if getattr(source, option) not in (None, False)]
     if source.daily and source.files is None:
         problems.append(f"{at}.daily: only files can be daily")
+    problems += lookup_problems(entity, source, known, unknown)
     if both := [column for column in source.not_personal if column in source.pii]:
         problems.append(f"{at}.not_personal: {', '.join(both)} also listed in pii")
     for column, fmt in source.formats.items():
@@ -508,6 +645,36 @@ def entity_problems(entity: str, source: EntitySource, entities: dict[str, Entit
                 problems.append(f"{at}.derive.columns.{target}: {unknown(target)}")
             elif how != "const" and column not in readable:
                 problems.append(f"{at}.derive.columns.{target}: {source.derive.from_entity} has no column {column!r}")
+    return problems
+
+
+def lookup_problems(entity: str, source: EntitySource, known: dict[str, str], unknown: Any) -> list[str]:
+    """What is wrong with an entity's lookups and discount: unknown target columns, a column that two places
+    fill in, a lookup on a derived entity."""
+    at = f"entities.{entity}"
+    problems = []
+    if source.lookup and source.derive is not None:
+        problems.append(f"{at}.lookup: a derived entity takes its columns from its origin, not from lookups")
+    filled = {c: "columns" for c in source.columns} | {c: "defaults" for c in source.defaults} | {
+        c: "compose" for c in source.compose}
+    for position, lookup in enumerate(source.lookup):
+        for column in lookup.columns:
+            where = f"{at}.lookup[{position}].columns.{column}"
+            if column not in known:
+                problems.append(f"{where}: {unknown(column)}")
+            elif column in filled:
+                problems.append(f"{where}: {column!r} is filled by {filled[column]} too; give it one origin")
+            filled[column] = f"lookup {lookup.what!r}"
+    if source.discount is not None and entity != "order_lines":
+        problems.append(f"{at}.discount: only order_lines have it")
+    if (spec := source.identity) is not None:
+        if entity != "customers":
+            problems.append(f"{at}.identity: only customers have it")
+        columns = set(known) | {c for s in source.sources.values() for c in s.keep}
+        problems += [f"{at}.identity.keys.{column}: {unknown(column)}" for column in spec.keys
+                     if column not in columns]
+        problems += [f"{at}.identity.precedence: {name!r} is not one of the sources {list(source.sources)}"
+                     for name in spec.precedence if name not in source.sources]
     return problems
 
 

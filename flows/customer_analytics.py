@@ -107,7 +107,7 @@ def run_stages(as_of: date, options: PipelineOptions) -> str:
         started_at = utc_now()
         ingested = ingest(run, options.mapping, options.landing_dir, options.validation.earliest_date)
         validated = validate(run, ingested, options.validation, options.mapping)
-        cleaned = clean(run, validated)
+        cleaned = clean(run, validated, options.mapping)
         featured = features(run, cleaned)
         segmented = segment(run, featured, options.segments, options.seed)
         churned = churn(run, cleaned, options.churn, options.seed, validated)

@@ -27,10 +27,12 @@ import pyarrow.parquet as pq
 from crm_analytics.artifacts import StageResult
 from crm_analytics.distributed import executor_metrics, stage_client
 from crm_analytics.frames import exact_duplicate_rows
+from crm_analytics.mapping import load_mapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import LINEAGE_COLUMNS
 from tasks.common import stage_logger, stage_task
+from tasks.identity import identity_section, resolve_identity
 
 LINE_KEY_COLUMNS = ["order_id", "customer_id", "order_ts", "product_id", "quantity", "unit_price"]
 # Customer attributes copied onto every order line (when the customers table has them and the lines do not).
@@ -311,12 +313,25 @@ def cleaning_section(stats: Stats) -> str:
             "purchase lines were returned at least in part.")
 
 
-@stage_task("clean")
-def clean(run: RunSpec, validated: StageResult) -> StageResult:
+def _clean_fingerprint(run: RunSpec, validated: StageResult, mapping_name: str | None = None, **_: Any) -> str:
+    return mapping_fingerprint(mapping_name) if mapping_name else ""
+
+
+@stage_task("clean", fingerprint_extra=_clean_fingerprint)
+def clean(run: RunSpec, validated: StageResult, mapping_name: str | None = None) -> StageResult:
+    """Clean and merge the validated entities; with an ``identity`` in the mapping, on people first
+    (``tasks.identity``: ``clean/customer_identity.parquet`` records every match)."""
     store = run.store
     customers, products = (store.read_frame(validated.ref(e)) for e in ("customers", "products"))
+    spec = load_mapping(mapping_name).source("customers").identity if mapping_name else None
+    people = None
+    if spec is not None:  # identity needs every customer and line at once: it runs here, not on a cluster
+        people = resolve_identity(customers, store.read_frame(validated.ref("order_lines")), spec)
+        customers = people.customers
     with stage_client() as client:
-        if client is None:
+        if people is not None:
+            out = clean_and_merge(customers, products, people.order_lines)
+        elif client is None:
             out = clean_and_merge(customers, products, store.read_frame(validated.ref("order_lines")))
         else:
             out = clean_partitioned(client, customers, products, validated.ref("order_lines").file)
@@ -327,5 +342,9 @@ def clean(run: RunSpec, validated: StageResult) -> StageResult:
         "products": store.write_frame("clean", "products", out.products),
         "order_lines": store.write_frame("clean", "order_lines", out.order_lines),
     }
-    return StageResult(stage="clean", artifacts=artifacts, metrics={**out.stats, "executor": ran_on},
-                       report_section=cleaning_section(out.stats))
+    metrics, section = {**out.stats, "executor": ran_on}, cleaning_section(out.stats)
+    if people is not None:
+        artifacts["customer_identity"] = store.write_frame("clean", "customer_identity", people.crosswalk)
+        metrics["identity"] = people.stats
+        section += identity_section(people.stats)
+    return StageResult(stage="clean", artifacts=artifacts, metrics=metrics, report_section=section)

@@ -30,6 +30,7 @@ from crm_analytics.privacy import ALWAYS_PERSONAL, pseudonym_key, pseudonymise
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON
 from tasks.common import DataQualityError, stage_logger, stage_task
+from tasks.identity import with_match_keys
 from tasks.suites import (
     CROSS_CHECK_ROWS,
     REFERENCES,
@@ -201,8 +202,10 @@ def validate_all(frames: dict[str, pd.DataFrame], mapping: SourceMapping, as_of:
 
 def publishable_outcomes(outcomes: dict[str, ValidationOutcome], mapping: SourceMapping,
                          key: bytes) -> dict[str, ValidationOutcome]:
-    """The outcomes as written: each entity's personal columns replaced by their keyed pseudonyms."""
-    return {entity: outcome._replace(valid=pseudonymise(outcome.valid, mapping.source(entity).pii, key),
+    """The outcomes as written: each entity's personal columns replaced by their keyed pseudonyms (valid customers
+    also get the pseudonyms of their normalised identity keys, see ``tasks.identity``)."""
+    return {entity: outcome._replace(valid=pseudonymise(with_match_keys(outcome.valid, mapping.source(entity), key),
+                                                        mapping.source(entity).pii, key),
                                      quarantine=pseudonymise(outcome.quarantine, mapping.source(entity).pii, key))
             for entity, outcome in outcomes.items()}
 

@@ -19,6 +19,7 @@ class History(NamedTuple):
 
     frame: pd.DataFrame
     files: dict[str, list[int]]  # path -> [size, mtime_ns]
+    lookups: dict | None = None  # the lookup tables' files and rows whose lookup failed (see tasks.ingest.lookups)
 
 
 def file_states(paths: list[Path]) -> dict[str, list[int]]:
@@ -30,11 +31,18 @@ def reusable_history(history: History | None, files: list[Path]) -> bool:
     them (a late file for an old day forces a full read, so row order equals a full read's)."""
     if history is None or not history.files:
         return False
-    current = file_states(files)
-    if any(current.get(path) != state for path, state in history.files.items()):
+    return only_appended(history.files, files)
+
+
+def only_appended(recorded: dict[str, list[int]], files: list[Path]) -> bool:
+    """Every recorded file is unchanged and every other file of ``files`` sorts after them."""
+    if not recorded:
         return False
-    last_known = max(history.files)
-    return all(path > last_known for path in current if path not in history.files)
+    current = file_states(files)
+    if any(current.get(path) != state for path, state in recorded.items()):
+        return False
+    last_known = max(recorded)
+    return all(path > last_known for path in current if path not in recorded)
 
 
 def load_history(run: RunSpec, mapping: SourceMapping, mapping_name: str,
@@ -52,8 +60,9 @@ def load_history(run: RunSpec, mapping: SourceMapping, mapping_name: str,
     history = {}
     for entity, source in mapping.entities.items():
         raw = previous.artifact("raw", entity)
-        files = recorded.get("entities", {}).get(entity, {}).get("files")
+        read = recorded.get("entities", {}).get(entity, {})
+        files = read.get("files")
         # Rows of a run before ``_source_lines`` existed cannot stand in for a read: read their files again.
         if source.daily and files and raw is not None and SOURCE_LINES in pq.read_schema(raw.file).names:
-            history[entity] = History(previous.read_frame(raw), files)
+            history[entity] = History(previous.read_frame(raw), files, read.get("lookups"))
     return history

@@ -22,7 +22,7 @@ from crm_analytics.schema import (
     ColumnType,
 )
 from tasks.common import SourceSchemaError
-from tasks.ingest.columns import column_use, shown_columns
+from tasks.ingest.columns import column_use, find_column, shown_columns
 
 _TRUE = {"true", "t", "yes", "y", "1"}
 
@@ -231,12 +231,56 @@ def parse_entity(text: pd.DataFrame, entity: str, mapping: SourceMapping, source
     if source.unit_price_is_line_total and {"unit_price", "quantity"} <= set(frame.columns):
         quantity = frame["quantity"].astype("float64")
         frame["unit_price"] = (frame["unit_price"] / quantity.where(quantity != 0)).round(6)
+    if source.discount is not None:
+        column = find_column(list(text.columns), source.discount.column, f"{entity}: {source_name} (discount)")
+        if column is None:
+            raise SourceSchemaError(f"{entity}: {source_name} lacks the discount column "
+                                    f"{source.discount.column!r}; it has {shown_columns(list(text.columns))}")
+        discount_text = normalised_text(text[column])
+        frame["unit_price"], discount_problems = price_paid(
+            frame["unit_price"], frame["quantity"], discount_text,
+            parse_text(discount_text, "float", decimal=numbers.decimal, thousands=numbers.thousands),
+            source.discount.kind)
+        problems.append(discount_problems)
     frame[SOURCE_FILE] = text[SOURCE_FILE].astype("string")
     frame[SOURCE_LINE] = text[SOURCE_LINE].astype("int64")
     # A row of a SQL query or a derivation is one "line".
     frame[SOURCE_LINES] = text[SOURCE_LINES].astype("int64") if SOURCE_LINES in text.columns else np.int64(1)
     frame[PARSE_ERRORS] = parse_error_column(len(text), problems)
     return frame.reset_index(drop=True)
+
+
+DISCOUNT_RANGES = {"fraction": (0.0, 1.0, "a fraction from 0 to 1"), "percent": (0.0, 100.0, "a percentage from 0 "
+                   "to 100")}
+
+
+def price_paid(unit_price: pd.Series, quantity: pd.Series, discount_text: pd.Series, discount: pd.Series,
+               kind: str) -> tuple[pd.Series, tuple[np.ndarray, np.ndarray]]:
+    """The unit price net of the line's discount, and the lines whose discount is unusable ("discount='x'",
+    "discount=1.5 is not a fraction from 0 to 1", a discount above the price): their price becomes null, so
+    they are quarantined rather than kept at a price nobody paid. An empty discount is none."""
+    amount = discount.astype("float64").fillna(0.0)
+    price = unit_price.astype("float64")
+    units = quantity.astype("float64").abs()
+    if kind == "fraction":
+        net = price * (1.0 - amount)
+    elif kind == "percent":
+        net = price * (1.0 - amount / 100.0)
+    elif kind == "unit_amount":
+        net = price - amount
+    else:  # line_amount: off the line's total, spread over its units
+        net = price - amount / units.where(units != 0)
+    unparsed = (discount_text.notna() & discount.isna()).to_numpy()
+    low, high, noun = DISCOUNT_RANGES.get(kind, (0.0, np.inf, "a non-negative amount"))
+    out_of_range = ((amount < low) | (amount > high)).to_numpy() & ~unparsed
+    above_price = (net < 0).to_numpy() & ~out_of_range & ~unparsed
+    messages = np.full(len(price), None, dtype=object)
+    messages[unparsed] = ("discount=" + discount_text[unparsed].str.slice(0, 60).map(repr)).to_numpy(dtype=object)
+    messages[out_of_range] = ("discount=" + amount[out_of_range].astype(str) + f" is not {noun}").to_numpy(dtype=object)
+    messages[above_price] = ("discount=" + amount[above_price].astype(str) + " is more than the price").to_numpy(
+        dtype=object)
+    bad = unparsed | out_of_range | above_price
+    return net.mask(bad).round(6), (np.flatnonzero(bad), messages[bad])
 
 
 def with_provided_columns(text: pd.DataFrame, source: EntitySource, renames: dict[str, str]) -> pd.DataFrame:

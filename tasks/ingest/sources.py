@@ -29,6 +29,7 @@ def read_files(entity: str, source: EntitySource, landing: Path, as_of: date,
     required = {source.columns.get(c, c) for c in REQUIRED_COLUMNS[entity] if c not in source.provided()}
     required |= {source.columns.get(p, p) for parts in source.compose.values() for p in parts
                  if p not in source.provided() and not p.startswith("_")}
+    required |= {key for lookup in source.lookup for key in lookup.key if key not in source.provided()}  # chained
     if not files:
         raise FileNotFoundError(
             f"{entity}: no file matches {source.files!r} under {landing}"

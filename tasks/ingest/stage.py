@@ -16,6 +16,7 @@ from crm_analytics.artifacts import StageResult
 from crm_analytics.distributed import executor_metrics, partition_count, stage_client
 from crm_analytics.frames import exact_duplicate_rows, lines_covered
 from crm_analytics.mapping import (
+    SOURCE_NAME,
     EntitySource,
     SourceMapping,
     load_mapping,
@@ -31,20 +32,33 @@ from tasks.ingest.columns import VALUE_LIKE, column_use, shown_columns
 from tasks.ingest.derive import derive_entity
 from tasks.ingest.history import History, file_states, load_history, reusable_history
 from tasks.ingest.lines import FIELD_COUNT, MULTILINE, NO_FINAL_NEWLINE
+from tasks.ingest.lookups import (
+    LookupTable,
+    attach_lookups,
+    lookup_problem_rows,
+    lookups_reusable,
+    read_lookup_tables,
+    repeated_keys,
+)
 from tasks.ingest.parse import empty_entity, parse_entity
 from tasks.ingest.sources import read_files, read_query
 from tasks.ingest.text_files import source_columns
 
 
 def parse_files(entity: str, mapping: SourceMapping, landing: Path, as_of: date, files: list[Path],
-                like: Path | None = None) -> pd.DataFrame:
-    """Read ``files`` of ``entity`` and parse them: the unit of work of both the local and the partitioned path."""
+                like: Path | None = None, tables: list[LookupTable] | None = None) -> pd.DataFrame:
+    """Read ``files`` of ``entity``, add its lookups' columns (``tables``: read here when not given) and parse
+    them: the unit of work of both the local and the partitioned path."""
     source = mapping.entities[entity]
     text = read_files(entity, source, landing, as_of, files, like)
-    return parse_entity(text, entity, mapping, f"{entity} files {source.files!r}")
+    where = f"{entity} files {source.files!r}"
+    if source.lookup:
+        tables = read_lookup_tables(entity, source, landing, as_of, mapping.database) if tables is None else tables
+        text, _ = attach_lookups(text, source, tables, where, set(source.pii))
+    return parse_entity(text, entity, mapping, where)
 
 
-FileParser = Callable[[str, SourceMapping, Path, date, list[Path]], pd.DataFrame]
+FileParser = Callable[..., pd.DataFrame]  # parse_files' signature
 
 
 def file_batches(files: list[Path], batches: int) -> list[list[Path]]:
@@ -64,12 +78,14 @@ def partitioned_parser(client: Any, partitions: int) -> FileParser:
     the entity's first file, as a local read does).
     """
 
-    def parse(entity: str, mapping: SourceMapping, landing: Path, as_of: date, files: list[Path]) -> pd.DataFrame:
+    def parse(entity: str, mapping: SourceMapping, landing: Path, as_of: date, files: list[Path],
+              tables: list[LookupTable] | None = None) -> pd.DataFrame:
         if len(files) < 2:
-            return parse_files(entity, mapping, landing, as_of, files)
+            return parse_files(entity, mapping, landing, as_of, files, tables=tables)
         batches = file_batches(files, 4 * partitions)
         futures = client.map(parse_files, [entity] * len(batches), [mapping] * len(batches),
-                             [landing] * len(batches), [as_of] * len(batches), batches, like=files[0])
+                             [landing] * len(batches), [as_of] * len(batches), batches, like=files[0],
+                             tables=tables)
         return pd.concat(client.gather(futures), ignore_index=True)
 
     return parse
@@ -98,29 +114,63 @@ def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_ove
         if source.derive is not None:
             frames[entity] = derive_entity(frames[source.derive.from_entity], entity, mapping, as_of, earliest_date)
             continue
-        if source.query is not None:
-            text = read_query(entity, source, mapping.database, as_of)
-            frames[entity] = parse_entity(text, entity, mapping, f"{entity} query")
-            sources[entity] = {"mode": "query", "files": {}}
+        if source.sources:
+            frames[entity], sources[entity] = read_several_sources(entity, mapping, landing, as_of, parse)
             continue
-        files = select_files(landing, source, as_of, entity)
-        previous = (history or {}).get(entity)
-        if source.daily and reusable_history(previous, files):
-            new_files = [p for p in files if str(p) not in previous.files]
-            parts = [previous.frame]
-            if new_files:
-                parts.append(parse(entity, mapping, landing, as_of, new_files))
-            frames[entity] = pd.concat(parts, ignore_index=True) if len(parts) > 1 else previous.frame
-            sources[entity] = {"mode": "incremental", "new_files": len(new_files), "files": file_states(files)}
-        else:
-            frames[entity] = parse(entity, mapping, landing, as_of, files)
-            sources[entity] = {"mode": "full", "files": file_states(files)}
+        frames[entity], sources[entity] = read_source(entity, mapping, landing, as_of,
+                                                      (history or {}).get(entity), parse)
     for entity in ("products", "order_lines"):
         if entity not in frames:
             frames[entity] = empty_entity(entity, mapping)
             sources[entity] = {"mode": "absent", "files": {}}
     check_declared_personal_data(frames, mapping)  # an undeclared e-mail or phone column stops the run here
     return frames, sources
+
+
+def read_source(entity: str, mapping: SourceMapping, landing: Path, as_of: date, previous: History | None = None,
+                parse: FileParser = parse_files) -> tuple[pd.DataFrame, dict]:
+    """One source of an entity (its files or query, with its lookups) parsed, and how it was read: ``full``,
+    ``incremental`` (``previous`` stands in for the unchanged files, see ``reusable_history``) or ``query``."""
+    source = mapping.entities[entity]
+    tables = read_lookup_tables(entity, source, landing, as_of, mapping.database) if source.lookup else []
+    if source.query is not None:
+        text = read_query(entity, source, mapping.database, as_of)
+        text, _ = attach_lookups(text, source, tables, f"{entity} query", set(source.pii))
+        frame, record = parse_entity(text, entity, mapping, f"{entity} query"), {"mode": "query", "files": {}}
+    else:
+        files = select_files(landing, source, as_of, entity)
+        lookup_args = {"tables": tables} if source.lookup else {}
+        if (source.daily and reusable_history(previous, files)
+                and lookups_reusable(previous.lookups if previous else None, tables)):
+            new_files = [p for p in files if str(p) not in previous.files]
+            parts = [previous.frame]
+            if new_files:
+                parts.append(parse(entity, mapping, landing, as_of, new_files, **lookup_args))
+            frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else previous.frame
+            record = {"mode": "incremental", "new_files": len(new_files), "files": file_states(files)}
+        else:
+            frame = parse(entity, mapping, landing, as_of, files, **lookup_args)
+            record = {"mode": "full", "files": file_states(files)}
+    if tables:
+        record["lookups"] = lookup_record(frame, source, tables)
+    return frame, record
+
+
+def read_several_sources(entity: str, mapping: SourceMapping, landing: Path, as_of: date,
+                         parse: FileParser = parse_files) -> tuple[pd.DataFrame, dict]:
+    """An entity with several sources: each read through its own column mapping, the rows unioned in the order
+    the mapping lists the sources, each with its source's name in ``source`` (always a full read)."""
+    parent = mapping.entities[entity]
+    frames, records = [], {}
+    for label, sub in parent.sources.items():
+        one = mapping.model_copy(update={"entities": {**mapping.entities, entity: sub}})
+        frame, records[label] = read_source(entity, one, landing, as_of, None, parse)
+        frames.append(frame.assign(**{SOURCE_NAME: pd.array([label] * len(frame), dtype="string")}))
+    union = pd.concat(frames, ignore_index=True)
+    data = [c for c in union.columns if not c.startswith("_")]
+    union = union[data + [c for c in union.columns if c.startswith("_")]]  # lineage last, as one source's
+    files = {path: state for record in records.values() for path, state in record["files"].items()}
+    return union, {"mode": "sources", "files": files, "sources": records}
 
 
 def landing_fingerprint(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
@@ -130,16 +180,32 @@ def landing_fingerprint(run: RunSpec, mapping_name: str, landing_dir: str | None
     ``None`` (never reuse) when an entity comes from SQL: a table's content has no cheap fingerprint.
     """
     mapping = load_mapping(mapping_name)
-    if any(source.query for source in mapping.entities.values()):
+    every = [s for source in mapping.entities.values() for s in (source, *source.sources.values())]
+    if any(source.query for source in every):
+        return None
+    if any(lookup.query for source in every for lookup in source.lookup):
         return None
     landing = mapping.landing_path(run.data_root, landing_dir)
     parts = [resolve_mapping_path(mapping_name).read_text()]
-    for entity, source in mapping.entities.items():
-        if source.files:
-            for path in select_files(landing, source, run.as_of, entity):
-                stat = path.stat()
-                parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+    for entity, entity_source in mapping.entities.items():
+        for source in (entity_source, *entity_source.sources.values()):
+            read = [source] if source.files else []
+            for table in [*read, *(lookup.as_source() for lookup in source.lookup)]:
+                for path in select_files(landing, table, run.as_of, entity):
+                    stat = path.stat()
+                    parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def lookup_record(frame: pd.DataFrame, source: EntitySource, tables: list[LookupTable]) -> dict[str, object]:
+    """What the lookups of one entity read and found: the tables' files, rows and repeated keys, and the rows
+    whose lookup failed (recorded in ``raw/sources.json``, so tomorrow's incremental read can judge them)."""
+    per_table = {}
+    for table in tables:
+        per_table[table.lookup.what] = {"rows": len(table.text), "files": len(table.files),
+                                        "repeated_keys": repeated_keys(table)}
+    return {"files": {path: state for table in tables for path, state in table.files.items()},
+            "problem_rows": lookup_problem_rows(frame, source), "tables": per_table}
 
 
 def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource) -> dict[str, object]:
@@ -155,6 +221,8 @@ def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource) -> di
         "exact_duplicate_rows": int(exact_duplicate_rows(frame, data_columns).sum()),  # as the clean stage drops them
         **line_metrics(frame, source),
     }
+    if source.sources:
+        metrics["rows_by_source"] = {label: int((frame[SOURCE_NAME] == label).sum()) for label in source.sources}
     if "customer_id" in frame.columns:
         metrics["rows_with_customer_id"] = int(frame["customer_id"].notna().sum())
         metrics["distinct_customer_ids"] = int(frame["customer_id"].nunique())
@@ -214,7 +282,10 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
         metrics[entity] = ingest_metrics(frame, entity, mapping.source(entity))
         if entity in sources:
             metrics[entity]["read"] = sources[entity]["mode"]
-        if files := list(sources.get(entity, {}).get("files", {})):
+        if "lookups" in sources.get(entity, {}):
+            lookups = sources[entity]["lookups"]
+            metrics[entity]["lookups"] = {**lookups["tables"], "rows_without_single_match": lookups["problem_rows"]}
+        if not mapping.source(entity).sources and (files := list(sources.get(entity, {}).get("files", {}))):
             report, warnings = column_report(entity, mapping, Path(files[0]))
             metrics[entity].update(report)
             for warning in warnings:
