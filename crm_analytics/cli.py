@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from crm_analytics import progress
 from crm_analytics.artifacts import RunStore
 from crm_analytics.errors import PermanentError
 from crm_analytics.settings import configure_prefect_defaults, get_settings
@@ -76,6 +77,29 @@ def _data_root(data_root: Path | None) -> Path:
     return (data_root or get_settings().data_root).resolve()
 
 
+Assignments = Annotated[list[str] | None, typer.Option(
+    "--set", help="A stage option, section.field=value (repeatable), e.g. rules.min_support=0.001; the same "
+    "options as the Prefect UI form, checked the same way.")]
+OptionsFile = Annotated[Path | None, typer.Option(
+    "--options", help="A YAML file of stage options, shaped like the UI form (rules: {min_support: 0.001}); "
+    "--set wins over it.")]
+
+
+# A backfill runs dates of history: an export that was stale, or lacked a day's file, on one of those dates
+# cannot be made fresher now, so it is reported (log, report, manifest) instead of failing the date.
+BACKFILL_DEFAULTS = {"freshness": {"on_stale": "warn"}}
+
+
+def _options(options_file: Path | None, assignments: list[str] | None, mapping: str | None, root: Path,
+             landing_dir: str | None, defaults: dict[str, Any] | None = None) -> Any:
+    """The run's ``PipelineOptions`` from the options file, the command's flags and ``--set``."""
+    from crm_analytics.cli_options import merged_options
+
+    given = {"mapping": mapping, "data_root": str(root),
+             "landing_dir": str(Path(landing_dir).resolve()) if landing_dir else None}
+    return merged_options(options_file, assignments or [], given, defaults)
+
+
 @app.command()
 def generate(
     customers: Annotated[int, typer.Option(min=100, max=5_000_000, help="Number of customers.")] = 5_000,
@@ -92,32 +116,37 @@ def generate(
     cfg = GeneratorConfig(customers=customers, seed=seed, end_date=_date(end_date, "--end-date"),
                           dirty_rate=dirty_rate)
     started = time.perf_counter()
-    counts = generate_export(cfg, root)
+    with progress.shown_on_terminal():
+        counts = generate_export(cfg, root)
     typer.echo(f"sample export written to {root / 'landing'} in {time.perf_counter() - started:.1f}s: "
                + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-def _run(as_of: date, mapping: str, root: Path, landing_dir: str | None = None) -> RunStore:
+def _run(as_of: date, options: Any) -> RunStore:
     from crm_analytics.mapping import load_mapping
 
-    load_mapping(mapping)  # a wrong mapping is one line at once, before a Prefect server is started for nothing
+    load_mapping(options.mapping)  # a wrong mapping is one line at once, before a Prefect server starts for nothing
     _prefect()
-    from crm_analytics.parameters import PipelineOptions
     from flows.customer_analytics import customer_analytics
 
-    options = PipelineOptions(mapping=mapping, data_root=str(root), landing_dir=landing_dir)
-    customer_analytics(as_of=as_of, options=options)
-    return RunStore(root, as_of)
+    with progress.shown_on_terminal():
+        progress.note(f"run {as_of}: starting")
+        customer_analytics(as_of=as_of, options=options)
+    return RunStore(Path(options.data_root), as_of)
 
 
 @app.command()
 def run(
     as_of: Annotated[str, typer.Option(help="As-of date YYYY-MM-DD (default: yesterday, UTC).")] = "",
-    mapping: Annotated[str, typer.Option(help="Source mapping: shipped name or YAML path.")] = "sample",
+    mapping: Annotated[str | None, typer.Option(
+        help="Source mapping: shipped name or YAML path (default: the options file's, or sample).")] = None,
     landing_dir: Annotated[str | None, typer.Option(help="Overrides the mapping's landing folder.")] = None,
     data_root: DataRoot = None,
+    options_file: OptionsFile = None,
+    assignments: Assignments = None,
 ) -> None:
     """Run the whole pipeline for one as-of date."""
+    options = _options(options_file, assignments, mapping, _data_root(data_root), landing_dir)
     if as_of:
         day = _date(as_of, "--as-of")
     else:
@@ -125,8 +154,7 @@ def run(
         from flows.customer_analytics import default_as_of
 
         day = default_as_of()
-    landing = str(Path(landing_dir).resolve()) if landing_dir else None
-    _print_summary(_run(day, mapping, _data_root(data_root), landing))
+    _print_summary(_run(day, options))
 
 
 @app.command()
@@ -137,9 +165,12 @@ def backfill(
     step: Annotated[str, typer.Option(help="day, week or month.")] = "day",
     concurrency: Annotated[int, typer.Option(min=1, max=8, help="Dates run at the same time.")] = 1,
     force: Annotated[bool, typer.Option(help="Rerun dates already complete with the same parameters.")] = False,
-    mapping: Annotated[str, typer.Option(help="Source mapping: shipped name or YAML path.")] = "sample",
+    mapping: Annotated[str | None, typer.Option(
+        help="Source mapping: shipped name or YAML path (default: the options file's, or sample).")] = None,
     landing_dir: Annotated[str | None, typer.Option(help="Overrides the mapping's landing folder.")] = None,
     data_root: DataRoot = None,
+    options_file: OptionsFile = None,
+    assignments: Assignments = None,
     executor: Annotated[str | None, typer.Option(
         help="local or dask (one date per Dask worker); default: the CRM_EXECUTOR setting.")] = None,
     dask_address: Annotated[str | None, typer.Option(
@@ -154,19 +185,19 @@ def backfill(
     first, last = _date(start, "--start"), _date(end, "--end")
     if last < first:
         raise UsageProblem(f"--end {last} is before --start {first}")
+    options = _options(options_file, assignments, mapping, _data_root(data_root), landing_dir,
+                       defaults=BACKFILL_DEFAULTS)
     from crm_analytics.mapping import load_mapping
 
-    load_mapping(mapping)  # one line at once for a wrong mapping, before any server starts
+    load_mapping(options.mapping)  # one line at once for a wrong mapping, before any server starts
     _prefect()
     from crm_analytics.distributed import ExecutorOptions
-    from crm_analytics.parameters import PipelineOptions
     from flows.backfill import backfill as backfill_flow
 
     on = ExecutorOptions(kind=executor, address=dask_address)
-    options = PipelineOptions(mapping=mapping, data_root=str(_data_root(data_root)),
-                              landing_dir=str(Path(landing_dir).resolve()) if landing_dir else None)
-    summary = backfill_flow(start=first, end=last, step=step, concurrency=concurrency, force=force,
-                            options=options, executor=on)
+    with progress.shown_on_terminal():
+        summary = backfill_flow(start=first, end=last, step=step, concurrency=concurrency, force=force,
+                                options=options, executor=on)
     typer.echo(", ".join(f"{k}: {len(v)}" for k, v in summary.items()))
 
 
@@ -182,7 +213,7 @@ def demo(
         generate(customers=customers, data_root=root)
     end_date = _date(json.loads(truth.read_text())["config"]["end_date"], "the generated export's end_date")
     started = time.perf_counter()
-    store = _run(end_date, "sample", root)
+    store = _run(end_date, _options(None, None, "sample", root, None))
     typer.echo(f"pipeline finished in {time.perf_counter() - started:.0f}s")
     _print_summary(store)
 

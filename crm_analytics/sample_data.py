@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from crm_analytics import progress
 from crm_analytics.artifacts import atomic_path
 
 DAY = np.timedelta64(1, "D")
@@ -305,6 +306,7 @@ def _dirty_lines(cfg: GeneratorConfig, lines: pd.DataFrame, rng: np.random.Gener
 def generate(cfg: GeneratorConfig, data_root: Path, overwrite: bool = True) -> dict[str, int]:
     """Write a sample CRM export into ``data_root/landing`` and the ground truth into ``data_root/truth``."""
     rng = np.random.default_rng(cfg.seed)
+    progress.note(f"generating {cfg.customers:,} customers and their orders")
     products = _make_products(cfg, rng)
     bundles = _make_bundles(cfg, products, rng)
     customers = _make_customers(cfg, rng)
@@ -329,9 +331,13 @@ def generate(cfg: GeneratorConfig, data_root: Path, overwrite: bool = True) -> d
 
     out_lines = dirty.drop(columns="_dirty").reset_index(drop=True)
     out_lines["_day"] = dirty_day
-    for day, part in out_lines.groupby("_day", sort=True):
+    days = out_lines["_day"].nunique()
+    progress.note(f"writing {len(out_lines):,} order lines into {days} daily files")
+    for written, (day, part) in enumerate(out_lines.groupby("_day", sort=True), start=1):
         _write_csv(pa.Table.from_pandas(part.drop(columns="_day"), preserve_index=False),
                    landing / "order_lines" / f"{day}.csv")
+        if written % 100 == 0 or written == days:
+            progress.note(f"daily files: {written}/{days} written (up to {day})")
 
     customer_rows = customers[["customer_id", "signup_ts", "country", "gender", "birth_year", "email", "channel"]]
     customer_rows = customer_rows.rename(columns={"signup_ts": "signup_date"})

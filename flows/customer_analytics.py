@@ -21,6 +21,7 @@ from crm_analytics.user_errors import failed_with_one_line, install_run_log_filt
 from tasks.churn import churn
 from tasks.clean import clean
 from tasks.features import features
+from tasks.freshness import freshness
 from tasks.ingest import ingest
 from tasks.report import report
 from tasks.rules import rules
@@ -103,13 +104,14 @@ def run_stages(as_of: date, options: PipelineOptions) -> str:
         store.begin()
         started_at = utc_now()
         ingested = ingest(run, options.mapping, options.landing_dir, options.validation.earliest_date)
+        fresh = freshness(run, ingested, options.freshness, options.mapping)
         validated = validate(run, ingested, options.validation, options.mapping)
         cleaned = clean(run, validated)
         featured = features(run, cleaned)
         segmented = segment(run, featured, options.segments, options.seed)
         churned = churn(run, cleaned, options.churn, options.seed, validated)
         mined = rules(run, cleaned, options.rules)
-        results = [ingested, validated, cleaned, featured, segmented, churned, mined]
+        results = [ingested, fresh, validated, cleaned, featured, segmented, churned, mined]
         results.append(report(run, results))
         manifest = store.write_manifest(build_manifest(store, options, started_at, results))
     print(f"run complete: {store.run_dir} (manifest {manifest.name})")
