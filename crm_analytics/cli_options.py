@@ -9,6 +9,7 @@ naming the option and what it allows.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,8 @@ def merged_options(options_file: Path | None = None, assignments: list[str] = ()
                    where: str = "options") -> PipelineOptions:
     """The run's options: the command's ``defaults``, the file's, then ``given`` (the command's own flags,
     ``None`` = not given), then each ``--set``; validated by ``PipelineOptions``."""
-    merged = _deep_merge(defaults or {}, read_options_file(options_file) if options_file else {})
+    # Copied: --set edits nested sections in place, and ``defaults`` is often a module constant.
+    merged = copy.deepcopy(_deep_merge(defaults or {}, read_options_file(options_file) if options_file else {}))
     for key, value in (given or {}).items():
         if value is not None:
             merged[key] = value
