@@ -233,6 +233,28 @@ def summary(
     _print_summary(store)
 
 
+@app.command()
+def prune(
+    keep_last: Annotated[int, typer.Option(min=1, help="Complete runs always kept, newest first.")] = 7,
+    keep_days: Annotated[int, typer.Option(min=0, help="Runs made in this many days are kept.")] = 30,
+    dry_run: Annotated[bool, typer.Option(help="List what would be deleted and kept; delete nothing.")] = False,
+    data_root: DataRoot = None,
+) -> None:
+    """Delete old run folders whole (never the latest complete run, a running one, or what a run reads)."""
+    root = _data_root(data_root)
+    decisions, trash = RunStore.prune(root, keep_last=keep_last, keep_days=keep_days, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for folder in trash:
+        typer.echo(f"{verb:>12}  {folder.name}  (left by an interrupted prune)")
+    for decision in decisions:
+        action = verb if decision.delete else "keep"
+        typer.echo(f"{action:>12}  as_of={decision.as_of}  {decision.bytes / 2**20:9.1f} MiB  {decision.reason}")
+    gone = [d for d in decisions if d.delete]
+    typer.echo(f"{verb} {len(gone)} of {len(decisions)} run folders ({sum(d.bytes for d in gone) / 2**20:.1f} MiB); "
+               f"kept {len(decisions) - len(gone)} ({sum(d.bytes for d in decisions if not d.delete) / 2**20:.1f} "
+               "MiB)")
+
+
 def _print_summary(store: RunStore) -> None:
     manifest = store.read_manifest()
     stages = manifest["stages"]
