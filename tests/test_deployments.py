@@ -30,3 +30,13 @@ def test_deployments_by_purpose_share_one_work_pool_and_pull_nothing_from_the_de
     assert config["pull"] == []
     schedule = deployments["nightly"]["schedules"][0]
     assert schedule["cron"] and schedule["timezone"] and schedule["slug"]
+
+
+def test_the_backfill_deployment_reports_stale_history_and_maintenance_runs_daily():
+    from crm_analytics.parameters import PipelineOptions
+
+    deployments = {d["name"]: d for d in _config()["deployments"]}
+    options = PipelineOptions.model_validate(deployments["backfill"]["parameters"]["options"])
+    assert options.freshness.on_stale == "warn" and options.rules == PipelineOptions().rules
+    schedule = deployments["maintenance"]["schedules"][0]
+    assert schedule["cron"] == "30 5 * * *" and schedule["timezone"] == "Europe/London"

@@ -171,3 +171,16 @@ def test_the_command_lists_and_deletes(runs):
     assert [s.as_of.isoformat() for s in RunStore.run_folders(runs)] == ["2026-01-09", "2026-01-10", "2026-01-11"]
     bad = cli("--keep-last", "0")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.splitlines()) == 1
+
+
+@pytest.mark.integration
+def test_the_maintenance_flow_prunes_on_the_prefect_server(runs, prefect_server):
+    from flows.maintenance import maintenance
+
+    listed = maintenance(keep_last=2, keep_days=30, dry_run=True, data_root=str(runs))
+    assert listed == {"deleted": 8, "kept": 3, "bytes_deleted": listed["bytes_deleted"],
+                      "bytes_kept": listed["bytes_kept"], "trash_removed": 0}
+    assert len(RunStore.run_folders(runs)) == 11 and listed["bytes_deleted"] >= 8 * 1000
+    done = maintenance(keep_last=2, keep_days=30, data_root=str(runs))
+    assert done == listed
+    assert [s.as_of.isoformat() for s in RunStore.run_folders(runs)] == ["2026-01-09", "2026-01-10", "2026-01-11"]
