@@ -87,6 +87,8 @@ def main() -> None:
               "the landing export")
         for stage, size in sorted(stages.items(), key=lambda item: -item[1]):
             print(f"  {stage:12s} {size / MiB:9.2f} MiB  {size / recorded:6.1%}")
+        largest = sorted(manifest["artifacts"].items(), key=lambda item: -item[1]["bytes"])[:5]
+        print("  largest: " + ", ".join(f"{name} {meta['bytes'] / MiB:.2f} MiB" for name, meta in largest))
 
     now = datetime.now(UTC)
     tonight = runs["night N"]
@@ -107,9 +109,12 @@ def main() -> None:
           f"({len(folders) * per_run / MiB:,.1f} MiB) in {seconds:.2f}s: kept {len(kept)} "
           f"({sum(d.bytes for d in kept) / MiB:,.1f} MiB), deleted {len(deleted)} "
           f"({sum(d.bytes for d in deleted) / MiB:,.1f} MiB)")
-    print(f"steady state under this policy: {sum(d.bytes for d in kept) / MiB:,.1f} MiB of run folders, against "
-          f"{365 * per_run / 2**30:,.2f} GiB for a year of nightly runs unpruned "
-          f"({365 / len(kept):.1f} x less)")
+    if args.nights > max(args.keep_days, args.keep_last):
+        print(f"steady state under this policy: {sum(d.bytes for d in kept) / MiB:,.1f} MiB of run folders, "
+              f"against {365 * per_run / 2**30:,.2f} GiB for a year of nightly runs unpruned (365 x tonight's "
+              f"folder): {365 / len(kept):.1f} x less")
+    else:
+        print(f"(--nights {args.nights} is within the policy's reach: pass more nights to see its steady state)")
     print(json.dumps({"customers": args.customers, "export_bytes": export_bytes, "run_bytes": per_run,
                       "kept_folders": len(kept), "kept_bytes": sum(d.bytes for d in kept)}))
 

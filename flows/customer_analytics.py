@@ -1,4 +1,4 @@
-"""The nightly/manual flow: ingest -> validate -> clean -> features -> segment -> churn -> rules -> report.
+"""The nightly/manual flow: ingest -> freshness -> validate -> clean -> features -> segment -> churn -> rules -> report.
 
 Only wiring here: each step is a task from ``tasks/`` that reads and writes artifacts and passes references.
 The run folder is complete when ``_manifest.json`` exists; it is written last. A run holds its date's lock

@@ -192,3 +192,17 @@ def test_generation_shows_progress_on_a_terminal_and_not_in_a_pipe(tmp_path):
     piped = _generate_on(False, tmp_path / "b")
     assert piped.splitlines() == [line for line in piped.splitlines() if line.startswith("sample export written")]
     assert "daily files" not in piped and len(piped.splitlines()) == 1
+
+
+@pytest.mark.integration
+def test_a_backfill_reports_each_date_done_out_of_the_total(tmp_path, prefect_server):
+    """Two dates over an empty landing folder: each fails at once in ingest, and each is counted as done."""
+    from flows.backfill import BackfillFailed, backfill
+
+    terminal = Terminal()
+    with progress.shown_on_terminal(terminal), pytest.raises(BackfillFailed, match="2 of 2 dates failed"):
+        backfill(start=date(2025, 3, 1), end=date(2025, 3, 2), options=PipelineOptions(data_root=str(tmp_path)))
+    lines = [line.split("] ", 1)[1] for line in terminal.getvalue().splitlines()]
+    assert [line for line in lines if line.startswith("backfill:")] == [
+        "backfill: 1/2 dates done (2025-03-01 failed; 0 already complete)",
+        "backfill: 2/2 dates done (2025-03-02 failed; 0 already complete)"]
