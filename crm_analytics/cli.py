@@ -90,14 +90,17 @@ OptionsFile = Annotated[Path | None, typer.Option(
 BACKFILL_DEFAULTS = {"freshness": {"on_stale": "warn"}}
 
 
-def _options(options_file: Path | None, assignments: list[str] | None, mapping: str | None, root: Path,
-             landing_dir: str | None, defaults: dict[str, Any] | None = None) -> Any:
-    """The run's ``PipelineOptions`` from the options file, the command's flags and ``--set``."""
+def _options(options_file: Path | None, assignments: list[str] | None, mapping: str | None,
+             data_root: Path | None, landing_dir: str | None, defaults: dict[str, Any] | None = None) -> Any:
+    """The run's ``PipelineOptions`` from the options file, the command's flags and ``--set``; the data root is
+    ``--data-root``, else the file's or a ``--set``, else the ``CRM_DATA_ROOT`` setting."""
     from crm_analytics.cli_options import merged_options
 
-    given = {"mapping": mapping, "data_root": str(root),
+    given = {"mapping": mapping, "data_root": str(_data_root(data_root)) if data_root else None,
              "landing_dir": str(Path(landing_dir).resolve()) if landing_dir else None}
-    return merged_options(options_file, assignments or [], given, defaults)
+    options = merged_options(options_file, assignments or [], given, defaults)
+    root = _data_root(Path(options.data_root) if options.data_root else None)
+    return options.model_copy(update={"data_root": str(root)})
 
 
 @app.command()
@@ -146,7 +149,7 @@ def run(
     assignments: Assignments = None,
 ) -> None:
     """Run the whole pipeline for one as-of date."""
-    options = _options(options_file, assignments, mapping, _data_root(data_root), landing_dir)
+    options = _options(options_file, assignments, mapping, data_root, landing_dir)
     if as_of:
         day = _date(as_of, "--as-of")
     else:
@@ -185,8 +188,7 @@ def backfill(
     first, last = _date(start, "--start"), _date(end, "--end")
     if last < first:
         raise UsageProblem(f"--end {last} is before --start {first}")
-    options = _options(options_file, assignments, mapping, _data_root(data_root), landing_dir,
-                       defaults=BACKFILL_DEFAULTS)
+    options = _options(options_file, assignments, mapping, data_root, landing_dir, defaults=BACKFILL_DEFAULTS)
     from crm_analytics.mapping import load_mapping
 
     load_mapping(options.mapping)  # one line at once for a wrong mapping, before any server starts

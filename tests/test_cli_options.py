@@ -206,3 +206,19 @@ def test_a_backfill_reports_each_date_done_out_of_the_total(tmp_path, prefect_se
     assert [line for line in lines if line.startswith("backfill:")] == [
         "backfill: 1/2 dates done (2025-03-01 failed; 0 already complete)",
         "backfill: 2/2 dates done (2025-03-02 failed; 0 already complete)"]
+
+
+def test_the_command_resolves_the_data_root_and_a_backfill_warns_by_default(tmp_path):
+    from crm_analytics.cli import BACKFILL_DEFAULTS, _options
+
+    file = tmp_path / "options.yaml"
+    file.write_text(f"data_root: {tmp_path / 'from-file'}\n")
+    assert _options(file, None, None, None, None).data_root == str(tmp_path / "from-file")
+    assert _options(file, None, None, tmp_path / "flag", None).data_root == str(tmp_path / "flag")  # flag wins
+    run = _options(None, None, None, tmp_path, "landing/here")
+    assert (run.mapping, run.landing_dir, run.freshness.on_stale) == ("sample", str(Path("landing/here").resolve()),
+                                                                      "fail")
+    backfill = _options(None, None, None, tmp_path, None, defaults=BACKFILL_DEFAULTS)
+    assert backfill.freshness.on_stale == "warn"
+    assert _options(None, ["freshness.on_stale=fail"], None, tmp_path, None,
+                    defaults=BACKFILL_DEFAULTS).freshness.on_stale == "fail"
