@@ -283,7 +283,8 @@ class RunStore:
         if self.is_complete():
             finished = self.read_manifest().get("finished_at")
             if finished:
-                return datetime.fromisoformat(finished)
+                stamp = datetime.fromisoformat(finished)
+                return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)  # a hand-written naive time: UTC
         return datetime.fromtimestamp(self.run_dir.stat().st_mtime, UTC)
 
     def disk_bytes(self) -> int:
