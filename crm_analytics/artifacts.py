@@ -13,13 +13,15 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, date, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from crm_analytics.errors import PermanentError
 
 MANIFEST_NAME = "_manifest.json"
 STAGE_RECORDS = "_stages"
+TRASH_PREFIX = ".trash-"  # a run folder being deleted: hidden, so no reader lists it
 STAGES = ("raw", "validated", "quarantine", "clean", "features", "segments", "churn", "rules", "value",
           "forecast", "report")
 
@@ -136,6 +139,17 @@ def code_version() -> str:
     return f"{crm_analytics.__version__}+{commit}"
 
 
+@dataclass(frozen=True)
+class PruneDecision:
+    """What ``RunStore.prune`` does (or, in a dry run, would do) with one run folder, and why."""
+
+    as_of: date
+    delete: bool
+    reason: str
+    bytes: int
+    complete: bool
+
+
 class RunStore:
     """Reads and writes the artifacts of one run (one as-of date)."""
 
@@ -177,6 +191,17 @@ class RunStore:
         """The latest complete run under ``data_root`` (dated before ``before`` if given), if any."""
         dates = [d for d in cls.complete_dates(data_root) if before is None or d < before]
         return cls(data_root, dates[-1]) if dates else None
+
+    @classmethod
+    def run_folders(cls, data_root: Path) -> list[RunStore]:
+        """Every run folder under ``data_root``, complete or not, oldest as-of date first."""
+        stores = []
+        for folder in cls.runs_dir(data_root).glob("as_of=*"):
+            try:
+                stores.append(cls(data_root, date.fromisoformat(folder.name.removeprefix("as_of="))))
+            except ValueError:
+                continue
+        return sorted(stores, key=lambda store: store.as_of)
 
     def previous_complete(self) -> RunStore | None:
         """The latest complete run dated before this one, if any.
@@ -236,6 +261,104 @@ class RunStore:
                      and file_sha256(ref.file) == ref.content_hash for ref in result.artifacts.values())
         return result if intact else None
 
+    @property
+    def lock_path(self) -> Path:
+        return self.data_root / "runs" / ".locks" / f"as_of={self.as_of.isoformat()}.lock"
+
+    @contextmanager
+    def lock_if_free(self) -> Iterator[bool]:
+        """Hold the date's lock if no run holds it (yields True), without waiting; yields False if one does."""
+        if not self.lock_path.exists():  # no run of this date ever started here: nothing can hold it
+            yield True
+            return
+        with self.lock_path.open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True  # released when the handle closes
+
+    def finished_at(self) -> datetime:
+        """When the run was made: its manifest's ``finished_at``, else (incomplete) the folder's last change."""
+        if self.is_complete():
+            finished = self.read_manifest().get("finished_at")
+            if finished:
+                stamp = datetime.fromisoformat(finished)
+                return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)  # a hand-written naive time: UTC
+        return datetime.fromtimestamp(self.run_dir.stat().st_mtime, UTC)
+
+    def disk_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.run_dir.rglob("*") if path.is_file())
+
+    @classmethod
+    def prune(cls, data_root: Path, keep_last: int, keep_days: int, dry_run: bool = False,
+              now: datetime | None = None) -> tuple[list[PruneDecision], list[Path]]:
+        """Delete old run folders whole; returns the decision on every run folder and the trash folders of an
+        earlier, interrupted prune that were (or, in a dry run, would be) removed.
+
+        Kept: a run in progress (its date is locked) and the complete run it reads as its previous one; the
+        latest complete run (the next run reads its segment identities, churn champion and ingested rows); an
+        incomplete run dated after it (a rerun resumes from its stage records); the ``keep_last`` latest
+        complete runs; any run made in the last ``keep_days`` days. Everything else goes. A folder is first
+        renamed, atomically and under its date's lock, to a hidden trash name, then deleted: a reader sees it
+        whole with its manifest or not at all, and a prune killed half-way leaves only a trash folder, which
+        the next prune removes.
+        """
+        runs_dir = cls.runs_dir(data_root)
+        leftovers = sorted(runs_dir.glob(f"{TRASH_PREFIX}*")) if runs_dir.is_dir() else []
+        if not dry_run:
+            for trash in leftovers:
+                shutil.rmtree(trash)
+        now = now or datetime.now(UTC)
+        runs = cls.run_folders(data_root)
+        complete = [run for run in runs if run.is_complete()]
+        latest = complete[-1].as_of if complete else None
+        recent = {run.as_of for run in complete[-keep_last:]} if keep_last > 0 else set()
+        locked = set()
+        for run in runs:
+            with run.lock_if_free() as free:
+                if not free:
+                    locked.add(run.as_of)
+        read_by_running = {previous.as_of for run in runs if run.as_of in locked
+                           if (previous := run.previous_complete()) is not None}
+        decisions = []
+        for run in runs:
+            done = run.is_complete()
+            if run.as_of in locked:
+                reason = "a run of this date is in progress (its lock is held)"
+            elif run.as_of == latest:
+                reason = "the latest complete run: the next run reads its segments, churn champion and raw rows"
+            elif run.as_of in read_by_running:
+                reason = "a run in progress reads it as its previous complete run"
+            elif not done and (latest is None or run.as_of > latest):
+                reason = "incomplete and newer than the latest complete run: a rerun resumes it"
+            elif run.as_of in recent:
+                reason = f"one of the {keep_last} latest complete runs"
+            elif run.finished_at() > now - timedelta(days=keep_days):
+                reason = f"made in the last {keep_days} days"
+            else:
+                reason = ("complete" if done else "incomplete (failed or interrupted)") + (
+                    f", older than {keep_days} days and not among the {keep_last} latest complete runs")
+                decisions.append(PruneDecision(run.as_of, True, reason, run.disk_bytes(), done))
+                continue
+            decisions.append(PruneDecision(run.as_of, False, reason, run.disk_bytes(), done))
+        if dry_run:
+            return decisions, leftovers
+        return [decision if not decision.delete else cls(data_root, decision.as_of)._delete(decision)
+                for decision in decisions], leftovers
+
+    def _delete(self, decision: PruneDecision) -> PruneDecision:
+        """Rename the folder to a hidden trash name under the date's lock, then delete the trash."""
+        with self.lock_if_free() as free:
+            if not free:  # a run of the date started since the plan was made
+                return PruneDecision(self.as_of, False, "a run of this date started: kept", decision.bytes,
+                                     decision.complete)
+            trash = self.run_dir.with_name(f"{TRASH_PREFIX}{self.run_dir.name}.{uuid.uuid4().hex}")
+            os.rename(self.run_dir, trash)
+        shutil.rmtree(trash)
+        return decision
+
     @contextmanager
     def lock(self, timeout_seconds: float = 3600.0, poll_seconds: float = 1.0,
              on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
@@ -243,7 +366,7 @@ class RunStore:
 
         A second run of the same date waits (up to ``timeout_seconds``); runs of other dates are not affected.
         """
-        lock_path = self.data_root / "runs" / ".locks" / f"as_of={self.as_of.isoformat()}.lock"
+        lock_path = self.lock_path
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         handle = lock_path.open("a+")
         deadline = time.monotonic() + timeout_seconds

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from crm_analytics import progress
 from crm_analytics.artifacts import RunStore
 from crm_analytics.errors import PermanentError
 from crm_analytics.settings import configure_prefect_defaults, get_settings
@@ -76,6 +77,32 @@ def _data_root(data_root: Path | None) -> Path:
     return (data_root or get_settings().data_root).resolve()
 
 
+Assignments = Annotated[list[str] | None, typer.Option(
+    "--set", help="A stage option, section.field=value (repeatable), e.g. rules.min_support=0.001; the same "
+    "options as the Prefect UI form, checked the same way.")]
+OptionsFile = Annotated[Path | None, typer.Option(
+    "--options", help="A YAML file of stage options, shaped like the UI form (rules: {min_support: 0.001}); "
+    "--set wins over it.")]
+
+
+# A backfill runs dates of history: an export that was stale, or lacked a day's file, on one of those dates
+# cannot be made fresher now, so it is reported (log, report, manifest) instead of failing the date.
+BACKFILL_DEFAULTS = {"freshness": {"on_stale": "warn"}}
+
+
+def _options(options_file: Path | None, assignments: list[str] | None, mapping: str | None,
+             data_root: Path | None, landing_dir: str | None, defaults: dict[str, Any] | None = None) -> Any:
+    """The run's ``PipelineOptions`` from the options file, the command's flags and ``--set``; the data root is
+    ``--data-root``, else the file's or a ``--set``, else the ``CRM_DATA_ROOT`` setting."""
+    from crm_analytics.cli_options import merged_options
+
+    given = {"mapping": mapping, "data_root": str(_data_root(data_root)) if data_root else None,
+             "landing_dir": str(Path(landing_dir).resolve()) if landing_dir else None}
+    options = merged_options(options_file, assignments or [], given, defaults)
+    root = _data_root(Path(options.data_root) if options.data_root else None)
+    return options.model_copy(update={"data_root": str(root)})
+
+
 @app.command()
 def generate(
     customers: Annotated[int, typer.Option(min=100, max=5_000_000, help="Number of customers.")] = 5_000,
@@ -92,32 +119,37 @@ def generate(
     cfg = GeneratorConfig(customers=customers, seed=seed, end_date=_date(end_date, "--end-date"),
                           dirty_rate=dirty_rate)
     started = time.perf_counter()
-    counts = generate_export(cfg, root)
+    with progress.shown_on_terminal():
+        counts = generate_export(cfg, root)
     typer.echo(f"sample export written to {root / 'landing'} in {time.perf_counter() - started:.1f}s: "
                + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-def _run(as_of: date, mapping: str, root: Path, landing_dir: str | None = None) -> RunStore:
+def _run(as_of: date, options: Any) -> RunStore:
     from crm_analytics.mapping import load_mapping
 
-    load_mapping(mapping)  # a wrong mapping is one line at once, before a Prefect server is started for nothing
+    load_mapping(options.mapping)  # a wrong mapping is one line at once, before a Prefect server starts for nothing
     _prefect()
-    from crm_analytics.parameters import PipelineOptions
     from flows.customer_analytics import customer_analytics
 
-    options = PipelineOptions(mapping=mapping, data_root=str(root), landing_dir=landing_dir)
-    customer_analytics(as_of=as_of, options=options)
-    return RunStore(root, as_of)
+    with progress.shown_on_terminal():
+        progress.note(f"run {as_of}: starting")
+        customer_analytics(as_of=as_of, options=options)
+    return RunStore(Path(options.data_root), as_of)
 
 
 @app.command()
 def run(
     as_of: Annotated[str, typer.Option(help="As-of date YYYY-MM-DD (default: yesterday, UTC).")] = "",
-    mapping: Annotated[str, typer.Option(help="Source mapping: shipped name or YAML path.")] = "sample",
+    mapping: Annotated[str | None, typer.Option(
+        help="Source mapping: shipped name or YAML path (default: the options file's, or sample).")] = None,
     landing_dir: Annotated[str | None, typer.Option(help="Overrides the mapping's landing folder.")] = None,
     data_root: DataRoot = None,
+    options_file: OptionsFile = None,
+    assignments: Assignments = None,
 ) -> None:
     """Run the whole pipeline for one as-of date."""
+    options = _options(options_file, assignments, mapping, data_root, landing_dir)
     if as_of:
         day = _date(as_of, "--as-of")
     else:
@@ -125,8 +157,7 @@ def run(
         from flows.customer_analytics import default_as_of
 
         day = default_as_of()
-    landing = str(Path(landing_dir).resolve()) if landing_dir else None
-    _print_summary(_run(day, mapping, _data_root(data_root), landing))
+    _print_summary(_run(day, options))
 
 
 @app.command()
@@ -137,9 +168,12 @@ def backfill(
     step: Annotated[str, typer.Option(help="day, week or month.")] = "day",
     concurrency: Annotated[int, typer.Option(min=1, max=8, help="Dates run at the same time.")] = 1,
     force: Annotated[bool, typer.Option(help="Rerun dates already complete with the same parameters.")] = False,
-    mapping: Annotated[str, typer.Option(help="Source mapping: shipped name or YAML path.")] = "sample",
+    mapping: Annotated[str | None, typer.Option(
+        help="Source mapping: shipped name or YAML path (default: the options file's, or sample).")] = None,
     landing_dir: Annotated[str | None, typer.Option(help="Overrides the mapping's landing folder.")] = None,
     data_root: DataRoot = None,
+    options_file: OptionsFile = None,
+    assignments: Assignments = None,
     executor: Annotated[str | None, typer.Option(
         help="local or dask (one date per Dask worker); default: the CRM_EXECUTOR setting.")] = None,
     dask_address: Annotated[str | None, typer.Option(
@@ -154,19 +188,18 @@ def backfill(
     first, last = _date(start, "--start"), _date(end, "--end")
     if last < first:
         raise UsageProblem(f"--end {last} is before --start {first}")
+    options = _options(options_file, assignments, mapping, data_root, landing_dir, defaults=BACKFILL_DEFAULTS)
     from crm_analytics.mapping import load_mapping
 
-    load_mapping(mapping)  # one line at once for a wrong mapping, before any server starts
+    load_mapping(options.mapping)  # one line at once for a wrong mapping, before any server starts
     _prefect()
     from crm_analytics.distributed import ExecutorOptions
-    from crm_analytics.parameters import PipelineOptions
     from flows.backfill import backfill as backfill_flow
 
     on = ExecutorOptions(kind=executor, address=dask_address)
-    options = PipelineOptions(mapping=mapping, data_root=str(_data_root(data_root)),
-                              landing_dir=str(Path(landing_dir).resolve()) if landing_dir else None)
-    summary = backfill_flow(start=first, end=last, step=step, concurrency=concurrency, force=force,
-                            options=options, executor=on)
+    with progress.shown_on_terminal():
+        summary = backfill_flow(start=first, end=last, step=step, concurrency=concurrency, force=force,
+                                options=options, executor=on)
     typer.echo(", ".join(f"{k}: {len(v)}" for k, v in summary.items()))
 
 
@@ -182,7 +215,7 @@ def demo(
         generate(customers=customers, data_root=root)
     end_date = _date(json.loads(truth.read_text())["config"]["end_date"], "the generated export's end_date")
     started = time.perf_counter()
-    store = _run(end_date, "sample", root)
+    store = _run(end_date, _options(None, None, "sample", root, None))
     typer.echo(f"pipeline finished in {time.perf_counter() - started:.0f}s")
     _print_summary(store)
 
@@ -215,6 +248,28 @@ def customer(
 
     store = card_run(_data_root(data_root), _date(as_of, "--as-of") if as_of else None)
     typer.echo(render_card(customer_card(store, customer_id, history)))
+
+
+@app.command()
+def prune(
+    keep_last: Annotated[int, typer.Option(min=1, help="Complete runs always kept, newest first.")] = 7,
+    keep_days: Annotated[int, typer.Option(min=0, help="Runs made in this many days are kept.")] = 30,
+    dry_run: Annotated[bool, typer.Option(help="List what would be deleted and kept; delete nothing.")] = False,
+    data_root: DataRoot = None,
+) -> None:
+    """Delete old run folders whole (never the latest complete run, a running one, or what a run reads)."""
+    root = _data_root(data_root)
+    decisions, trash = RunStore.prune(root, keep_last=keep_last, keep_days=keep_days, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for folder in trash:
+        typer.echo(f"{verb:>12}  {folder.name}  (left by an interrupted prune)")
+    for decision in decisions:
+        action = verb if decision.delete else "keep"
+        typer.echo(f"{action:>12}  as_of={decision.as_of}  {decision.bytes / 2**20:9.1f} MiB  {decision.reason}")
+    gone = [d for d in decisions if d.delete]
+    typer.echo(f"{verb} {len(gone)} of {len(decisions)} run folders ({sum(d.bytes for d in gone) / 2**20:.1f} MiB); "
+               f"kept {len(decisions) - len(gone)} ({sum(d.bytes for d in decisions if not d.delete) / 2**20:.1f} "
+               "MiB)")
 
 
 def _print_summary(store: RunStore) -> None:

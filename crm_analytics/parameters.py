@@ -267,6 +267,31 @@ class ValueOptions(BaseModel):
     )
 
 
+class FreshnessOptions(BaseModel):
+    """Whether the export is recent enough for the as-of date: its newest order and its newest daily file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_lag_days: int = Field(
+        2, ge=0, le=3650,
+        description="The export is stale when an entity's newest order (or newest daily file) is more than this "
+        "many days before the as-of date.",
+    )
+    on_stale: Literal["fail", "warn"] = Field(
+        "fail",
+        description="A stale export or a missing daily file: 'fail' stops the run before any model is retrained; "
+        "'warn' logs it, reports it and goes on (for backfills of history: `crm-analytics backfill` defaults to "
+        "warn).",
+    )
+    gap_window_days: int = Field(
+        7, ge=0, le=3650,
+        description="Daily files: dates without a file are looked for after the previous complete run's as-of "
+        "date (a gap is judged by the first run that can see it), or in this many days before the as-of date "
+        "when there is no earlier run. Weekdays on which the export never has a file (a weekly closing day) "
+        "are not gaps.",
+    )
+
+
 class PipelineOptions(BaseModel):
     """Everything about a run except its date. Defaults suit the generated sample export."""
 
@@ -289,6 +314,7 @@ class PipelineOptions(BaseModel):
     rules: RulesOptions = RulesOptions()
     forecast: ForecastOptions = ForecastOptions()
     value: ValueOptions = ValueOptions()
+    freshness: FreshnessOptions = FreshnessOptions()
 
 
 def data_root_of(options: PipelineOptions) -> Path:

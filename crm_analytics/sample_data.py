@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from crm_analytics import progress
 from crm_analytics.artifacts import atomic_path
 
 DAY = np.timedelta64(1, "D")
@@ -305,6 +306,7 @@ def _dirty_lines(cfg: GeneratorConfig, lines: pd.DataFrame, rng: np.random.Gener
 def generate(cfg: GeneratorConfig, data_root: Path, overwrite: bool = True) -> dict[str, int]:
     """Write a sample CRM export into ``data_root/landing`` and the ground truth into ``data_root/truth``."""
     rng = np.random.default_rng(cfg.seed)
+    progress.note(f"generating {cfg.customers:,} customers and their orders")
     products = _make_products(cfg, rng)
     bundles = _make_bundles(cfg, products, rng)
     customers = _make_customers(cfg, rng)
@@ -329,9 +331,17 @@ def generate(cfg: GeneratorConfig, data_root: Path, overwrite: bool = True) -> d
 
     out_lines = dirty.drop(columns="_dirty").reset_index(drop=True)
     out_lines["_day"] = dirty_day
-    for day, part in out_lines.groupby("_day", sort=True):
+    # A file for every day of the export, a header-only one on a day without orders, as a daily export job
+    # writes it: a day without a file is a missing file (the freshness check looks for them).
+    by_day = dict(iter(out_lines.groupby("_day", sort=True)))
+    days = pd.date_range(cfg.start_date, cfg.end_date, freq="D").strftime("%Y-%m-%d")
+    progress.note(f"writing {len(out_lines):,} order lines into {len(days)} daily files")
+    for written, day in enumerate(days, start=1):
+        part = by_day.get(day, out_lines.iloc[:0])
         _write_csv(pa.Table.from_pandas(part.drop(columns="_day"), preserve_index=False),
                    landing / "order_lines" / f"{day}.csv")
+        if written % 100 == 0 or written == len(days):
+            progress.note(f"daily files: {written}/{len(days)} written (up to {day})")
 
     customer_rows = customers[["customer_id", "signup_ts", "country", "gender", "birth_year", "email", "channel"]]
     customer_rows = customer_rows.rename(columns={"signup_ts": "signup_date"})
@@ -359,7 +369,7 @@ def generate(cfg: GeneratorConfig, data_root: Path, overwrite: bool = True) -> d
         "products": len(products),
         "order_lines": len(out_lines),
         "dirty_order_lines": int((dirty["_dirty"] != "").sum()),
-        "order_line_files": int(pd.Series(dirty_day).nunique()),
+        "order_line_files": cfg.history_days,
     }
     config = {k: (v.isoformat() if isinstance(v, date) else v) for k, v in asdict(cfg).items()}
     with atomic_path(truth_dir / "generator.json") as tmp:

@@ -24,6 +24,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 
+from crm_analytics import progress
 from crm_analytics.artifacts import RunStore
 from crm_analytics.distributed import (
     MAX_LOCAL_CONCURRENCY,
@@ -137,10 +138,15 @@ def _backfill(start: date, end: date, step: Step, concurrency: int, force: bool,
         try:
             future.result()
             summary["ran"].append(as_of.isoformat())
+            outcome = "ran"
         except Exception as exc:  # noqa: BLE001 - one date's failure must not stop the others
             summary["failed"].append(as_of.isoformat())
             errors[as_of.isoformat()] = date_failure(exc)
             log.error("backfill date %s failed: %s", as_of, errors[as_of.isoformat()])
+            outcome = "failed"
+        done = len(summary["ran"]) + len(summary["failed"])
+        progress.note(f"backfill: {done}/{len(todo)} dates done ({as_of} {outcome}; "
+                      f"{len(summary['skipped'])} already complete)")
 
     with runner:
         if executor.kind == "dask":

@@ -1,5 +1,5 @@
-"""The nightly/manual flow: ingest -> validate -> clean -> features -> segment -> churn -> rules -> value ->
-forecast -> report.
+"""The nightly/manual flow: ingest -> freshness -> validate -> clean -> features -> segment -> churn -> rules ->
+value -> forecast -> report.
 
 Only wiring here: each step is a task from ``tasks/`` that reads and writes artifacts and passes references.
 The run folder is complete when ``_manifest.json`` exists; it is written last. A run holds its date's lock
@@ -23,6 +23,7 @@ from tasks.churn import churn
 from tasks.clean import clean
 from tasks.features import features
 from tasks.forecast import forecast
+from tasks.freshness import freshness
 from tasks.ingest import ingest
 from tasks.report import report
 from tasks.rules import rules
@@ -106,6 +107,7 @@ def run_stages(as_of: date, options: PipelineOptions) -> str:
         store.begin()
         started_at = utc_now()
         ingested = ingest(run, options.mapping, options.landing_dir, options.validation.earliest_date)
+        fresh = freshness(run, ingested, options.freshness, options.mapping)
         validated = validate(run, ingested, options.validation, options.mapping)
         cleaned = clean(run, validated, options.mapping)
         featured = features(run, cleaned)
@@ -114,7 +116,7 @@ def run_stages(as_of: date, options: PipelineOptions) -> str:
         mined = rules(run, cleaned, options.rules)
         valued = value(run, cleaned, segmented, churned, mined, options.value, options.churn.risk_band_edges)
         forecasted = forecast(run, cleaned, segmented, options.forecast)
-        results = [ingested, validated, cleaned, featured, segmented, churned, mined, valued, forecasted]
+        results = [ingested, fresh, validated, cleaned, featured, segmented, churned, mined, valued, forecasted]
         results.append(report(run, results))
         manifest = store.write_manifest(build_manifest(store, options, started_at, results))
     print(f"run complete: {store.run_dir} (manifest {manifest.name})")

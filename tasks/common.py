@@ -28,6 +28,7 @@ from sqlalchemy.exc import OperationalError as DatabaseOperationalError
 from sqlalchemy.exc import TimeoutError as DatabasePoolTimeout
 
 # The permanent error classes live at the bottom of the package (the mapping raises them too); re-exported here.
+from crm_analytics import progress
 from crm_analytics.errors import (  # noqa: F401
     DataQualityError,
     InputError,
@@ -166,13 +167,16 @@ def stage_task(name: str, fingerprint_extra: Callable[..., str | None] | None = 
             log = stage_logger()
             if key is not None and (cached := run.store.recorded_stage(name, key)) is not None:
                 log.info("%s: inputs, parameters and code unchanged; reusing its recorded outputs", name)
+                progress.note(f"{run.as_of} {name}: reused (inputs, parameters and code unchanged)")
                 return cached.model_copy(update={"metrics": {**cached.metrics, "reused": True}})
+            progress.note(f"{run.as_of} {name}: running")
             with measured() as timing:
                 try:
                     result = edge(*args, **kwargs)
                 finally:
                     release_arrow_memory()
             result = result.model_copy(update={"metrics": {**result.metrics, "timing": timing}})
+            progress.note(f"{run.as_of} {name}: done in {timing['wall_seconds']:.1f}s")
             if key is not None:
                 run.store.record_stage(name, key, result)
             return result

@@ -14,7 +14,8 @@ def _config():
 
 def test_every_prefect_yaml_entrypoint_is_an_importable_flow():
     entrypoints = {d["entrypoint"] for d in _config()["deployments"]}
-    assert entrypoints == {"flows.customer_analytics:customer_analytics", "flows.backfill:backfill"}
+    assert entrypoints == {"flows.customer_analytics:customer_analytics", "flows.backfill:backfill",
+                           "flows.maintenance:maintenance"}
     for entrypoint in entrypoints:
         module, name = entrypoint.split(":")
         assert isinstance(getattr(importlib.import_module(module), name), Flow), entrypoint
@@ -23,9 +24,19 @@ def test_every_prefect_yaml_entrypoint_is_an_importable_flow():
 def test_deployments_by_purpose_share_one_work_pool_and_pull_nothing_from_the_deploying_machine():
     config = _config()
     deployments = {d["name"]: d for d in config["deployments"]}
-    assert set(deployments) == {"nightly", "manual", "backfill"}
+    assert set(deployments) == {"nightly", "manual", "backfill", "maintenance"}
     pools = {id(d["work_pool"]) for d in deployments.values()}
     assert len(pools) == 1  # the same anchored mapping, not three copies
     assert config["pull"] == []
     schedule = deployments["nightly"]["schedules"][0]
     assert schedule["cron"] and schedule["timezone"] and schedule["slug"]
+
+
+def test_the_backfill_deployment_reports_stale_history_and_maintenance_runs_daily():
+    from crm_analytics.parameters import PipelineOptions
+
+    deployments = {d["name"]: d for d in _config()["deployments"]}
+    options = PipelineOptions.model_validate(deployments["backfill"]["parameters"]["options"])
+    assert options.freshness.on_stale == "warn" and options.rules == PipelineOptions().rules
+    schedule = deployments["maintenance"]["schedules"][0]
+    assert schedule["cron"] == "30 5 * * *" and schedule["timezone"] == "Europe/London"

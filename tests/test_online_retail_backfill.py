@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 BY_DAY = ONLINE_RETAIL / "by_day"
 START, END = date(2011, 9, 9), date(2011, 12, 9)  # the day of month is kept; the last date is the export's last day
 DATES = [date(2011, 9, 9), date(2011, 10, 9), date(2011, 11, 9), date(2011, 12, 9)]
-STAGES = ("ingest", "validate", "clean", "features", "segment", "churn", "rules", "value", "forecast",
-          "report")
+STAGES = ("ingest", "freshness", "validate", "clean", "features", "segment", "churn", "rules", "value",
+          "forecast", "report")
 
 
 def _lines_in(path: Path) -> int:
