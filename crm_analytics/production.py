@@ -62,6 +62,7 @@ class Postgres:
     password: str
     run_as: list[str]
     pg_ctl: str
+    temporary: bool = False
 
     @property
     def datadir(self) -> Path:
@@ -74,23 +75,33 @@ class Postgres:
     def stop(self) -> None:
         subprocess.run([*self.run_as, self.pg_ctl, "-D", str(self.datadir), "-m", "fast", "stop"],
                        capture_output=True)
+        if self.temporary:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def postgres_unavailable() -> str | None:
+    """Why a PostgreSQL server cannot be started here, or ``None`` if it can."""
+    if not (pg_binary("initdb") and pg_binary("pg_ctl")):
+        return "PostgreSQL server programs (initdb, pg_ctl) are not installed: apt-get install postgresql"
+    if os.geteuid() == 0 and (shutil.which("runuser") is None
+                              or subprocess.run(["id", "postgres"], capture_output=True).returncode):
+        return "running as root without a 'postgres' account to start PostgreSQL as"
+    return None
 
 
 def start_postgres(base: Path | None = None) -> Postgres:
     """Create a cluster in ``base`` (default: a new temporary folder) and start it on a free loopback port.
 
     PostgreSQL refuses to run as root: as root, the server runs as the system's ``postgres`` account."""
+    if reason := postgres_unavailable():
+        raise ProductionSetupError(f"{reason}; or pass the URL of an existing database")
     initdb, pg_ctl = pg_binary("initdb"), pg_binary("pg_ctl")
-    if not (initdb and pg_ctl):
-        raise ProductionSetupError("PostgreSQL server programs (initdb, pg_ctl) are not installed: "
-                                   "apt-get install postgresql, or pass a database URL")
     run_as: list[str] = []
+    temporary = base is None
     # Not under a root-private temporary folder: the server runs as another user.
     base = base or Path(tempfile.mkdtemp(prefix="crm-postgres-"))
     base.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
-        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
-            raise ProductionSetupError("running as root without a 'postgres' account to start PostgreSQL as")
         run_as = ["runuser", "-u", "postgres", "--"]
         shutil.chown(base, "postgres")
         os.chmod(base, 0o700)
@@ -99,7 +110,8 @@ def start_postgres(base: Path | None = None) -> Postgres:
     pwfile.write_text(password)
     if run_as:
         shutil.chown(pwfile, "postgres")
-    server = Postgres(base=base, port=free_port(), password=password, run_as=run_as, pg_ctl=pg_ctl)
+    server = Postgres(base=base, port=free_port(), password=password, run_as=run_as, pg_ctl=pg_ctl,
+                      temporary=temporary)
     _checked([*run_as, initdb, "-D", str(server.datadir), "-U", DATABASE_USER, "--auth=scram-sha-256",
               f"--pwfile={pwfile}"], "initdb")
     pwfile.unlink()
@@ -253,6 +265,14 @@ def wait_for_worker(api_url: str, timeout: float = 180) -> None:
     raise ProductionSetupError(f"no worker of pool {POOL} came online within {timeout:.0f}s")
 
 
+def _postgres_base(home: Path) -> Path | None:
+    """``home/postgres``, unless the server, running as ``postgres`` because we are root, could not reach it
+    (a folder private to root on the way): then a temporary folder of its own."""
+    if os.geteuid() != 0 or all(os.stat(p).st_mode & 0o001 for p in [home, *home.parents]):
+        return home / "postgres"
+    return None
+
+
 @dataclass
 class ProductionStack:
     """The running stack: where its API is, the environment that talks to it, and its processes."""
@@ -281,7 +301,7 @@ def production_stack(home: Path, data_root: Path, slots: int = 2, workers: int =
 
     Everything is stopped on exit, in reverse order, whatever happened."""
     home.mkdir(parents=True, exist_ok=True)
-    postgres = None if database_url else start_postgres(home / "postgres")
+    postgres = None if database_url else start_postgres(_postgres_base(home))
     stack = ProductionStack(home=home, api_url="", env={}, postgres=postgres)
     try:
         server, stack.api_url = start_prefect_server(home / "prefect", database_url or postgres.url(), port)
