@@ -101,3 +101,23 @@ def test_alert_automations_are_valid_prefect_automations_watching_the_nightly_de
     assert "flow_run.state.message" in failed.actions[0].body
     assert late.trigger.posture == Posture.Proactive and late.trigger.within == timedelta(hours=4)
     assert late.trigger.expect == {"prefect.flow-run.Completed"}
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["backfill", "--start", "2025-01-01", "--end", "2025-01-02", "--executor", "workers"],
+     "error: --executor workers needs PREFECT_API_URL: the server the work pool's workers poll"),
+    (["backfill", "--start", "2025-01-01", "--end", "2025-01-02", "--force", "--only-missing"],
+     "error: --force and --only-missing contradict each other"),
+    (["alerts", "--webhook", "http://127.0.0.1:9/hook"], "error: alerts live on a Prefect server: set PREFECT_API_URL"),
+])
+def test_production_options_are_checked_in_one_line_before_anything_starts(tmp_path, args, line):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-m", "crm_analytics.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO_ROOT, timeout=120)
+    assert done.returncode == 1 and done.stderr.splitlines() == [line], done.stderr

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from crm_analytics.production import postgres_unavailable, production_stack
+from crm_analytics.production import postgres_unavailable, production_stack, set_date_slots
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -121,6 +121,15 @@ def test_production_stack_runs_deployments_backfills_on_the_worker_and_alerts(sa
         assert "ran: 1, skipped: 2, failed: 0" in second.stdout
         assert (root / "runs" / "as_of=2025-12-31" / "_manifest.json").exists()
 
+        # The backfill deployment itself on the pool, with a single date slot: its own run waits on the backfill
+        # queue, so the slot is free for its date (on one queue it would wait forever for itself).
+        set_date_slots(env, 1)
+        deployed = _run([sys.executable, "-m", "prefect", "deployment", "run", "customer-analytics-backfill/backfill",
+                         "-p", "start=2025-12-31", "-p", "end=2025-12-31", "-p", "force=true",
+                         "-p", f'options={{"data_root": "{root}"}}', "-p", 'executor={"kind": "workers"}',
+                         "--watch", "--watch-timeout", "900"], env)
+        assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+
         with temporary_settings(updates={PREFECT_API_URL: stack.api_url}), get_client(sync_client=True) as client:
             from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
@@ -128,11 +137,11 @@ def test_production_stack_runs_deployments_backfills_on_the_worker_and_alerts(sa
             runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=dates)))
             manual_deployment = client.read_deployment_by_name("customer-analytics/manual")
         done = [r for r in runs if r.state.is_completed()]
-        assert sorted(r.name for r in done) == dates
+        assert sorted(r.name for r in done) == [*dates, dates[-1]]  # 12-31 twice: --only-missing, then forced
         # Each date ran as a flow run of the manual deployment, picked up by the pool's worker, in its own process.
         assert all(r.deployment_id == manual_deployment.id and r.work_pool_name == "crm-analytics" for r in done)
         pids = {r.infrastructure_pid for r in done}
-        assert len(pids) == 3 and None not in pids, pids
+        assert len(pids) == 4 and None not in pids, pids
 
         # The webhook got the failed nightly (its date and its one-line failure message) and the late alert.
         _wait_for(lambda: len(received) >= 2, 180, "two webhook POSTs")
@@ -148,7 +157,7 @@ def test_production_stack_runs_deployments_backfills_on_the_worker_and_alerts(sa
         with engine.connect() as connection:
             stored = connection.execute(sqlalchemy.text("SELECT count(*) FROM flow_run")).scalar_one()
         engine.dispose()
-        assert stored >= 6  # nightly, manual, 2 backfills, 3 dates (12-31 twice)
+        assert stored >= 9  # nightly, manual, 3 backfills, 4 date runs (12-31 three times)
         server_log = (tmp_path / "prod" / "prefect" / "logs" / "server.log").read_text(errors="replace")
         assert "database is locked" not in server_log and "deadlock detected" not in server_log
     assert all(service.process.poll() is not None for service in stack.services)  # everything stopped
