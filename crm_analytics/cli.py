@@ -247,6 +247,15 @@ def production(
         help="An existing PostgreSQL database (postgresql+asyncpg://...); default: a cluster started in HOME.")] = None,
 ) -> None:
     """Start PostgreSQL, a Prefect server on it, the work pool, the deployments and a worker; Ctrl-C stops them."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # A service manager stops with SIGTERM, a terminal with SIGINT (ignored in a process started in the background):
+    # either ends the loop below, and leaving the stack's context stops PostgreSQL, the server and the worker.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     configure_prefect_defaults()
     from crm_analytics.production import production_stack
 
