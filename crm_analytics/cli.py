@@ -8,6 +8,7 @@ line); only a bug in the pipeline prints a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from datetime import date
@@ -175,16 +176,26 @@ def backfill(
     options_file: OptionsFile = None,
     assignments: Assignments = None,
     executor: Annotated[str | None, typer.Option(
-        help="local or dask (one date per Dask worker); default: the CRM_EXECUTOR setting.")] = None,
+        help="local, dask (one date per Dask worker) or workers (each date a run of --deployment on the work "
+        "pool's workers; needs PREFECT_API_URL); default: the CRM_EXECUTOR setting.")] = None,
     dask_address: Annotated[str | None, typer.Option(
         help="Scheduler of an existing Dask cluster (tcp://host:8786); default: CRM_DASK_ADDRESS, or a "
         "LocalCluster.")] = None,
+    deployment: Annotated[str, typer.Option(
+        help="With --executor workers: the deployment each date runs as.")] = "customer-analytics/manual",
+    only_missing: Annotated[bool, typer.Option(
+        help="Run only the dates without a complete run (never run, failed or interrupted), whatever parameters "
+        "the complete ones used.")] = False,
 ) -> None:
     """Run the pipeline for every date of a range (one visible flow run per date)."""
     if step not in ("day", "week", "month"):
         raise UsageProblem(f"--step must be day, week or month, not {step!r}")
-    if executor not in (None, "local", "dask"):
-        raise UsageProblem(f"--executor must be local or dask, not {executor!r}")
+    if executor not in (None, "local", "dask", "workers"):
+        raise UsageProblem(f"--executor must be local, dask or workers, not {executor!r}")
+    if executor == "workers" and not os.environ.get("PREFECT_API_URL"):
+        raise UsageProblem("--executor workers needs PREFECT_API_URL: the server the work pool's workers poll")
+    if force and only_missing:
+        raise UsageProblem("--force and --only-missing contradict each other")
     first, last = _date(start, "--start"), _date(end, "--end")
     if last < first:
         raise UsageProblem(f"--end {last} is before --start {first}")
@@ -196,10 +207,10 @@ def backfill(
     from crm_analytics.distributed import ExecutorOptions
     from flows.backfill import backfill as backfill_flow
 
-    on = ExecutorOptions(kind=executor, address=dask_address)
+    on = ExecutorOptions(kind=executor, address=dask_address, deployment=deployment)
     with progress.shown_on_terminal():
         summary = backfill_flow(start=first, end=last, step=step, concurrency=concurrency, force=force,
-                                options=options, executor=on)
+                                options=options, executor=on, only_missing=only_missing)
     typer.echo(", ".join(f"{k}: {len(v)}" for k, v in summary.items()))
 
 
@@ -270,6 +281,66 @@ def prune(
     typer.echo(f"{verb} {len(gone)} of {len(decisions)} run folders ({sum(d.bytes for d in gone) / 2**20:.1f} MiB); "
                f"kept {len(decisions) - len(gone)} ({sum(d.bytes for d in decisions if not d.delete) / 2**20:.1f} "
                "MiB)")
+
+
+@app.command()
+def alerts(
+    webhook: Annotated[str | None, typer.Option(help="URL that receives a JSON POST {subject, body}.")] = None,
+    block: Annotated[str | None, typer.Option(
+        help="An existing notification block instead, as <block-type-slug>/<name> (e.g. slack-webhook/ops).")] = None,
+    deadline_hours: Annotated[float, typer.Option(
+        min=0.003, help="Notify when a nightly run has not completed this long after a worker picked it up.")] = 4.0,
+    deployment: Annotated[str, typer.Option(help="The deployment watched.")] = "customer-analytics/nightly",
+) -> None:
+    """Create (or replace) the automations that notify on a failed nightly and on one not completed in time."""
+    from datetime import timedelta
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UsageProblem("alerts live on a Prefect server: set PREFECT_API_URL")
+    configure_prefect_defaults()
+    from crm_analytics.local_server import use_local_server_unless_configured
+
+    use_local_server_unless_configured()  # checks that the server answers, in one line if it does not
+    from crm_analytics.alerts import create_alerts
+
+    ids = create_alerts(webhook=webhook, block=block, deadline=timedelta(hours=deadline_hours), deployment=deployment)
+    typer.echo(f"automations created on {os.environ['PREFECT_API_URL']}: " + ", ".join(ids))
+
+
+@app.command()
+def production(
+    home: Annotated[Path, typer.Option(help="Folder for PostgreSQL's data, Prefect's home and the logs.")],
+    data_root: DataRoot = None,
+    slots: Annotated[int, typer.Option(min=1, max=64, help="Date runs the work pool runs at once.")] = 2,
+    port: Annotated[int, typer.Option(help="Port of the Prefect server and UI (loopback).")] = 4200,
+    database_url: Annotated[str | None, typer.Option(
+        help="An existing PostgreSQL database (postgresql+asyncpg://...); default: a cluster started in HOME.")] = None,
+) -> None:
+    """Start PostgreSQL, a Prefect server on it, the work pool, the deployments and a worker; Ctrl-C stops them."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # A service manager stops with SIGTERM, a terminal with SIGINT (ignored in a process started in the background):
+    # either ends the loop below, and leaving the stack's context stops PostgreSQL, the server and the worker.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    configure_prefect_defaults()
+    from crm_analytics.production import production_stack
+
+    with production_stack(home.resolve(), _data_root(data_root), slots=slots, database_url=database_url,
+                          port=port) as stack:
+        typer.echo(f"Prefect UI {stack.ui_url}; in other shells: export PREFECT_API_URL={stack.api_url}\n"
+                   f"logs in {home / 'logs'} and {home / 'prefect' / 'logs'}; Ctrl-C stops everything")
+        try:
+            while all(service.process.poll() is None for service in stack.services):
+                time.sleep(2)
+        except KeyboardInterrupt:
+            typer.echo("stopping")
+            return
+        stopped = [service.name for service in stack.services if service.process.poll() is not None]
+        raise UsageProblem(f"{', '.join(stopped)} stopped; see the logs in {home}")
 
 
 def _print_summary(store: RunStore) -> None:

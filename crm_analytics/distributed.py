@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from distributed import Client
     from prefect.task_runners import TaskRunner
 
-ExecutorKind = Literal["local", "dask"]
+ExecutorKind = Literal["local", "dask", "workers"]
 ROW = "_row"  # a line's position in its source file, carried through the shuffle to restore the file's order
 MAX_LOCAL_CONCURRENCY = 8
 
@@ -59,7 +59,8 @@ class ExecutorOptions(BaseModel):
 
     kind: ExecutorKind | None = Field(
         None, description="local: dates run in threads of the flow's process; dask: one date per Dask worker "
-        "(and ingest, clean and features partitioned over the cluster). Empty: the CRM_EXECUTOR setting.",
+        "(and ingest, clean and features partitioned over the cluster); workers: each date a flow run of the "
+        "`deployment`, in its own process on the work pool's workers. Empty: the CRM_EXECUTOR setting.",
     )
     address: str | None = Field(
         None, description="Scheduler of an existing Dask cluster (tcp://host:8786). Empty: CRM_DASK_ADDRESS, or "
@@ -70,11 +71,15 @@ class ExecutorOptions(BaseModel):
         "Empty: CRM_DASK_WORKERS.",
     )
 
+    deployment: str = Field(
+        "customer-analytics/manual", description="With workers: the deployment (flow/deployment) each date runs as.",
+    )
+
     def resolved(self) -> ExecutorOptions:
         settings = get_settings()
         return ExecutorOptions(kind=self.kind or settings.executor,
                                address=self.address or settings.dask_address,
-                               workers=self.workers or settings.dask_workers)
+                               workers=self.workers or settings.dask_workers, deployment=self.deployment)
 
 
 def _import_dask() -> None:

@@ -25,8 +25,12 @@ def test_deployments_by_purpose_share_one_work_pool_and_pull_nothing_from_the_de
     config = _config()
     deployments = {d["name"]: d for d in config["deployments"]}
     assert set(deployments) == {"nightly", "manual", "backfill", "maintenance"}
-    pools = {id(d["work_pool"]) for d in deployments.values()}
-    assert len(pools) == 1  # the same anchored mapping, not three copies
+    assert {d["work_pool"]["name"] for d in deployments.values()} == {"crm-analytics"}
+    # Date runs share one queue (its limit is the dates run at once); a backfill waits for them on its own.
+    assert {n: d["work_pool"]["work_queue_name"] for n, d in deployments.items()} == {
+        "nightly": "default", "manual": "default", "backfill": "backfill",
+        "maintenance": "default"}
+    assert deployments["nightly"]["work_pool"] is deployments["manual"]["work_pool"]  # the anchored mapping
     assert config["pull"] == []
     schedule = deployments["nightly"]["schedules"][0]
     assert schedule["cron"] and schedule["timezone"] and schedule["slug"]

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import glob
-import os
-import secrets
 import shutil
-import socket
-import subprocess
-import tempfile
 from datetime import date
 from pathlib import Path
 
@@ -90,44 +84,17 @@ def test_missing_database_url_is_a_clear_mapping_error(tmp_path, monkeypatch):
 
 
 # ---- a real PostgreSQL server, started by the test on loopback ------------------------------------------------
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found if isinstance(found, str) else (found[-1] if found else None)
-
-
 @pytest.fixture(scope="module")
 def postgres_url():
-    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries are not installed (.ci/run installs Debian's postgresql)")
-    run_as: list[str] = []
-    # Not under pytest's tmp folder: that one is private to root and the server runs as another user.
-    base = Path(tempfile.mkdtemp(prefix="crm-postgres-"))
-    if os.geteuid() == 0:  # the server refuses to run as root: use the system's postgres account
-        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
-            pytest.skip("running as root without a 'postgres' account to start the server")
-        run_as = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(base, "postgres")
-        os.chmod(base, 0o700)
-    password = secrets.token_hex(12)
-    pwfile = base / "pw"
-    pwfile.write_text(password)
-    if run_as:
-        shutil.chown(pwfile, "postgres")
-    datadir = base / "data"
-    subprocess.run([*run_as, initdb, "-D", str(datadir), "-U", "crm", "--auth=scram-sha-256",
-                    f"--pwfile={pwfile}"], check=True, capture_output=True)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
-    subprocess.run([*run_as, pg_ctl, "-D", str(datadir), "-o", options, "-l", str(base / "log"), "-w", "start"],
-                   check=True, capture_output=True)
+    from crm_analytics.production import postgres_unavailable, start_postgres
+
+    if reason := postgres_unavailable():
+        pytest.skip(f"{reason} (.ci/run installs Debian's postgresql)")
+    server = start_postgres()
     try:
-        yield f"postgresql+psycopg://crm:{password}@127.0.0.1:{port}/postgres", password
+        yield server.url("psycopg"), server.password
     finally:
-        subprocess.run([*run_as, pg_ctl, "-D", str(datadir), "-m", "fast", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        server.stop()
 
 
 def test_postgresql_source_through_a_mapping(tmp_path, monkeypatch, postgres_url):
