@@ -80,7 +80,7 @@ def test_an_unknown_option_lists_the_known_ones():
     with pytest.raises(OptionError, match=r"^options: rules.min_suport: unknown option \(known here: basket, "
                                           r"item_level, .*min_support.*\)$"):
         merged_options(None, ["rules.min_suport=0.1"])
-    with pytest.raises(OptionError, match=r"^options: rulez: unknown option \(known here: churn, data_root, "
+    with pytest.raises(OptionError, match=r"^options: rulez: unknown option \(known here: churn, data_root, forecast, "
                                           r"freshness, .*\)$"):
         merged_options(None, ["rulez.min_support=0.1"])
 
