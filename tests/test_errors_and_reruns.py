@@ -363,7 +363,8 @@ def _without_per_run(manifest: dict) -> dict:
 
     kept = {k: v for k, v in manifest.items() if k not in PER_RUN_MANIFEST_FIELDS}
     stages = {name: stage(metrics) for name, metrics in manifest["stages"].items()}
-    stages["rules"].pop("seconds")  # the mining steps' durations
+    for timed in ("rules", "forecast"):
+        stages[timed].pop("seconds")  # the mining steps' and the forecast models' durations
     return {**kept, "inputs": stage(manifest["inputs"]), "stages": stages}
 
 

@@ -165,7 +165,7 @@ def _stats(forecasts: pd.DataFrame, backtest: pd.DataFrame, seconds: dict[str, f
         "coverage_95": round(float(picked["coverage_95"].mean()), 4) if len(picked) else None,
         "calibrated_coverage_80": round(float(picked["calibrated_coverage_80"].mean()), 4) if len(picked) else None,
         "calibrated_coverage_95": round(float(picked["calibrated_coverage_95"].mean()), 4) if len(picked) else None,
-        "slowest_series_seconds": max(seconds.values(), default=0.0),
+        "seconds": {"slowest_series": max(seconds.values(), default=0.0)},
     }
 
 
@@ -176,7 +176,8 @@ def forecast_segments(order_lines: pd.DataFrame, assignments: pd.DataFrame, as_o
     series = weekly_series(order_lines, assignments, as_of, options)
     built = time.perf_counter() - started
     out = forecast_series(series, as_of, options)
-    seconds = {"series": round(built, 3), "models": round(time.perf_counter() - started - built, 3)}
+    seconds = {**out.stats.get("seconds", {}), "series": round(built, 3),
+               "models": round(time.perf_counter() - started - built, 3)}
     return out._replace(stats={**out.stats, "weeks": int(series["week_end"].nunique()), "seconds": seconds})
 
 
