@@ -7,6 +7,14 @@ N+1 runs as tonight's job: its ingest reads only the new day's file plus day N's
 weighs tonight's challenger against day N's champion. Prints both runs per stage (wall and CPU seconds, peak
 RSS) and tonight's total against the 5-minute / 6 GiB target, then the IO ceiling (pyarrow's bare read of every
 landing CSV and Parquet write) and day N's full-read ingest against it; writes the same as JSON.
+
+Then the goals of issue 21 with their ratios: tonight's run (<= 120 s at 1M, <= 10 min and <= 12 GiB at 3M),
+the churn stage (<= 40 s), the clean stage against a bare pyarrow read + sort + write of the same validated
+lines (<= 2x, measured in the same process after the runs), and, when ``--out`` already holds the result of
+another scale, the exponent of peak RSS growth between the two (<= 0.5):
+
+    python benchmarks/bench_nightly.py --customers 1000000
+    python benchmarks/bench_nightly.py --customers 3000000   # same --out: adds the exponent
 """
 
 from __future__ import annotations
@@ -15,16 +23,57 @@ import argparse
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_pipeline import STAGES, cached_export, fresh_root, io_ceiling, run_flow  # noqa: E402
 
+from crm_analytics.artifacts import RunStore  # noqa: E402
+
 TARGET_SECONDS, TARGET_RSS_MB = 300, 6 * 1024
+# Issue 21's goals: (figure, goal, how the measured value compares with it).
+NIGHTLY_GOAL_SECONDS = {1_000_000: 120.0, 3_000_000: 600.0}
+CHURN_GOAL_SECONDS, CLEAN_GOAL_RATIO, RSS_GOAL_MB, RSS_EXPONENT_GOAL = 40.0, 2.0, 12 * 1024, 0.5
+
+
+def clean_floor(store: RunStore, out: Path) -> float:
+    """pyarrow reads tonight's validated order lines, sorts them by customer and time, and writes one Parquet
+    file: what any clean of the same lines must at least do (the issue's "bare read + sort + write")."""
+    ref = store.artifact("validated", "order_lines")
+    started = time.perf_counter()
+    table = pq.read_table(ref.file)
+    order = pc.sort_indices(table, sort_keys=[("customer_id", "ascending"), ("order_ts", "ascending")])
+    pq.write_table(table.take(order), out, compression="zstd")
+    return time.perf_counter() - started
+
+
+def goals_table(customers: int, manifest: dict, wall: float, peak_mb: float, floor: float,
+                other: dict | None) -> pd.DataFrame:
+    stages = manifest["stages"]
+    churn = stages.get("churn", {}).get("timing", {}).get("wall_seconds", float("nan"))
+    clean = stages.get("clean", {}).get("timing", {}).get("wall_seconds", float("nan"))
+    rows = []
+    if customers in NIGHTLY_GOAL_SECONDS:
+        rows.append(("tonight's nightly, wall s", wall, NIGHTLY_GOAL_SECONDS[customers]))
+    rows += [("churn stage, wall s", churn, CHURN_GOAL_SECONDS),
+             (f"clean stage / bare read+sort+write ({floor:.2f} s)", clean / floor, CLEAN_GOAL_RATIO),
+             ("peak RSS, MB", peak_mb, RSS_GOAL_MB)]
+    if other is not None and other["customers"] != customers:
+        (c0, m0), (c1, m1) = sorted([(other["customers"], other["tonight_peak_rss_mb"]), (customers, peak_mb)])
+        rows.append((f"peak RSS exponent {c0:,} -> {c1:,}", float(np.log(m1 / m0) / np.log(c1 / c0)),
+                     RSS_EXPONENT_GOAL))
+    frame = pd.DataFrame(rows, columns=["figure", "measured", "goal"])
+    frame["measured / goal"] = (frame["measured"] / frame["goal"]).round(2)
+    frame["met"] = frame["measured"] <= frame["goal"]
+    return frame.round({"measured": 2})
 
 
 def stage_rows(label: str, wall: float, manifest: dict) -> list[dict]:
@@ -79,9 +128,17 @@ def main() -> None:
         "churn": {k: manifest_tonight["stages"]["churn"].get(k)
                   for k in ("chosen_model", "promoted", "validation_roc_auc")},
     }
+    floor = clean_floor(RunStore(root, last_day), args.cache / "clean-floor.parquet")
+    others = [json.loads(p.read_text()) for p in sorted(args.out.glob("nightly-*.json"))]
+    other = next((o for o in others if o.get("customers") != args.customers), None)
+    goals = goals_table(args.customers, manifest_tonight, wall_tonight, peak, floor, other)
+    summary["clean_floor_seconds"] = round(floor, 2)
+    summary["goals"] = goals.to_dict(orient="records")
     print(json.dumps(summary, indent=2))
-    frame.to_csv(args.out / "nightly_stages.csv", index=False)
-    (args.out / "nightly.json").write_text(json.dumps(summary, indent=2))
+    print("\nIssue 21's goals (tonight's run):")
+    print(goals.to_string(index=False))
+    frame.to_csv(args.out / f"nightly_stages-{args.customers}.csv", index=False)
+    (args.out / f"nightly-{args.customers}.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
 if __name__ == "__main__":
