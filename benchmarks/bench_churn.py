@@ -234,6 +234,11 @@ def compare(out, other: Path) -> None:
         if key in v:
             print(f"  validation {key}: {tv.get(key)} -> {v[key]} (diff {v[key] - tv.get(key, np.nan):+.6f})")
     print(f"  ECE: {theirs['ece']:.5f} -> {expected_calibration_error(out.calibration):.5f}")
+    mine_auc = out.comparison.set_index("model")["roc_auc"]
+    their_auc = pd.DataFrame(theirs["comparison"]).set_index("model")["roc_auc"]
+    print(f"  every model's validation ROC AUC identical: {mine_auc.sort_index().equals(their_auc.sort_index())}")
+    their_valid = pd.read_parquet(other / "validation_predictions.parquet")
+    print(f"  validation predictions (every model) identical: {their_valid.equals(out.validation_predictions)}")
     their_cal = pd.read_parquet(other / "calibration.parquet")
     same_cal = their_cal.equals(out.calibration.reset_index(drop=True))
     print(f"  calibration table identical: {same_cal}")

@@ -19,6 +19,7 @@ from tasks.churn import (
     FactorRecipe,
     candidate_models,
     churn,
+    compare_models,
     dump_model,
     explain_customers,
     factors_on_demand,
@@ -217,3 +218,25 @@ def test_factors_on_demand_equal_the_bulk_factors_row_by_row(small_export, tmp_p
     pd.testing.assert_frame_equal(new[[ID, *factor_columns]], old[[ID, *factor_columns]], check_dtype=False)
     assert factors_on_demand(tmp_path / "model.skops", metadata, tmp_path / "inputs.parquet", ["nobody"]).empty
     assert factors_on_demand(tmp_path / "model.skops", {}, tmp_path / "inputs.parquet", ids[:3]) is None
+
+
+def test_the_families_fitted_side_by_side_are_the_families_fitted_one_by_one(tonight):
+    """The old definition, every candidate fitted alone in turn, against ``compare_models``'s threads: the same
+    validation predictions, bit for bit, for every family and the ensemble."""
+    valid, _, _ = tonight
+    numeric = numeric_feature_columns(valid)
+    half = len(valid) // 2
+    train, held = valid.iloc[:half].reset_index(drop=True), valid.iloc[half:].reset_index(drop=True)
+    options = ChurnOptions()
+    fitted, predictions = compare_models(train, held, numeric, [], options, seed=3)
+    x_train, x_held = model_frame(train, numeric, []), model_frame(held, numeric, [])
+    y_train = train[LABEL].astype("int64").to_numpy()
+    alone = {}
+    for name, model in candidate_models(numeric, [], 3, options.class_weighting, len(train)).items():
+        if name != "ensemble":
+            alone[name] = clone(model).fit(x_train, y_train).predict_proba(x_held)[:, 1]
+    alone["ensemble"] = np.mean([alone[m] for m in ("logistic_regression", "random_forest", "gradient_boosting")],
+                                axis=0)
+    assert list(predictions) == list(alone) == list(fitted)
+    for name, p in alone.items():
+        np.testing.assert_array_equal(predictions[name], p, err_msg=name)
