@@ -206,6 +206,10 @@ def main() -> None:
     rest_c = cpu - sum(clock.cpu[k] for k in on_main)
     print(f"| other (main thread) | {rest_w:.1f} | {rest_c:.1f} |")
 
+    publish_wall, publish_cpu, written_mb = publish_cost(out)
+    print(f"| writing scores{' + model inputs' if getattr(out, 'model_inputs', None) is not None else ''} "
+          f"(Parquet, zstd, as RunStore writes them; {written_mb:.0f} MB) | {publish_wall:.1f} | {publish_cpu:.1f} |")
+
     v = out.metrics["validation"]
     ece = expected_calibration_error(out.calibration)
     print(f"\nchosen model {out.metrics['chosen_model']}; validation n {v['n']}, ROC AUC {v['roc_auc']:.4f}, "
@@ -226,11 +230,33 @@ def main() -> None:
         out.calibration.to_parquet(args.out / "calibration.parquet")
         (args.out / "figures.json").write_text(json.dumps({
             "wall": wall, "cpu": cpu, "peak_rss_mb": rss.peak_mb, "load": [load_before, load_after],
+            "publish_wall": publish_wall, "publish_cpu": publish_cpu, "written_mb": written_mb,
             "phases_wall": clock.wall, "phases_cpu": clock.cpu, "validation": v, "ece": ece,
             "comparison": out.comparison[["model", "roc_auc", "pr_auc"]].to_dict("records"),
         }, indent=1, default=str))
     if args.compare:
         compare(out, args.compare)
+
+
+def publish_cost(out) -> tuple[float, float, float]:
+    """Wall and CPU seconds to write the tables this change affects (the scores, and the model inputs when the
+    stage saves them), and their size: the rest of the stage's writes are unchanged."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = {"scores": out.scores}
+    if getattr(out, "model_inputs", None) is not None:
+        tables["model_inputs"] = out.model_inputs
+    with tempfile.TemporaryDirectory() as folder:
+        w0, c0 = time.perf_counter(), time.process_time()
+        for name, frame in tables.items():
+            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), f"{folder}/{name}.parquet",
+                           compression="zstd")
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        size = sum(Path(folder, f"{name}.parquet").stat().st_size for name in tables) / 1e6
+    return wall, cpu, size
 
 
 def compare(out, other: Path) -> None:
@@ -270,6 +296,24 @@ def compare(out, other: Path) -> None:
         found = explain_customers(out.model, recipe, sample).set_index("customer_id")
         print(f"  factors on demand for {len(sample):,} at-risk customers: wall {time.perf_counter() - w0:.2f} s, "
               f"CPU {time.process_time() - c0:.2f} s")
+        import tempfile
+
+        from tasks.churn.model_files import dump_model, factors_on_demand
+
+        with tempfile.TemporaryDirectory() as folder:  # what the value stage and the card pay per call
+            dump_model(out.model, Path(folder) / "model.skops")
+            out.model_inputs.to_parquet(Path(folder) / "inputs.parquet")
+            listed = sample["customer_id"].head(1_000).tolist()
+            w0, c0 = time.perf_counter(), time.process_time()
+            factors_on_demand(Path(folder) / "model.skops", out.model_metadata, Path(folder) / "inputs.parquet",
+                              listed)
+            print(f"  factors_on_demand from files (model load + inputs read + factors) for 1,000 listed customers: "
+                  f"wall {time.perf_counter() - w0:.2f} s, CPU {time.process_time() - c0:.2f} s; for 1 customer: ",
+                  end="")
+            w0, c0 = time.perf_counter(), time.process_time()
+            factors_on_demand(Path(folder) / "model.skops", out.model_metadata, Path(folder) / "inputs.parquet",
+                              listed[:1])
+            print(f"wall {time.perf_counter() - w0:.2f} s, CPU {time.process_time() - c0:.2f} s")
         mine = mine.drop(columns=factor_columns).join(found)
         common = found.index.intersection(scores.index)
     have = mine.loc[common, "factor_1"].notna()
