@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="keep scores, validation predictions and metrics here")
     parser.add_argument("--compare", type=Path, help="another --out to compare this run's results with")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the call here and print its top")
+    parser.add_argument("--fit-threads", action="store_true",
+                        help="then time the model comparison alone on the run's examples, one thread vs two, twice")
     args = parser.parse_args()
 
     from crm_analytics.parameters import ChurnOptions
@@ -182,6 +184,15 @@ def main() -> None:
           f"(loaded in {time.perf_counter() - started:.1f} s); code from {_code or 'this checkout'}")
     clock = PhaseClock()
     print("phases timed:", ", ".join(clock.install()))
+    compared: dict = {}
+    if args.fit_threads:  # keep the comparison's inputs to time it again afterwards
+        timed_compare = transactional.compare_models
+
+        def keep_inputs(train, valid, numeric, categorical, options, seed):
+            compared.update(args=(train, valid, numeric, categorical, options, seed))
+            return timed_compare(train, valid, numeric, categorical, options, seed)
+
+        transactional.compare_models = keep_inputs
     load_before = os.getloadavg()[0]
     profiler = cProfile.Profile() if args.profile else None
     with PeakRss() as rss:
@@ -223,6 +234,8 @@ def main() -> None:
         profiler.dump_stats(args.profile)
         pstats.Stats(str(args.profile)).sort_stats("cumulative").print_stats(45)
 
+    if compared:
+        fit_threads(compared["args"])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         out.scores.to_parquet(args.out / "scores.parquet")
@@ -236,6 +249,20 @@ def main() -> None:
         }, indent=1, default=str))
     if args.compare:
         compare(out, args.compare)
+
+
+def fit_threads(compare_args: tuple) -> None:
+    """The model comparison alone on the run's examples, with one fitting thread and with two, alternating."""
+    from tasks.churn import models
+
+    print(f"\nmodel comparison alone ({len(compare_args[0]):,} training rows):")
+    for _ in range(2):
+        for threads in (1, 2):
+            models.FIT_THREADS = threads
+            w0, c0 = time.perf_counter(), time.process_time()
+            models.compare_models(*compare_args)
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+            print(f"  {threads} thread(s): wall {wall:.1f} s, CPU {cpu:.1f} s, 1-min load {os.getloadavg()[0]:.2f}")
 
 
 def publish_cost(out) -> tuple[float, float, float]:
