@@ -256,9 +256,10 @@ def customer(
     """Print one customer's card: features, segment and its history, churn, CLV and value at risk,
     recommendations, last orders."""
     from crm_analytics.customer_card import card_run, customer_card, render_card
+    from tasks.churn.model_files import run_factors
 
     store = card_run(_data_root(data_root), _date(as_of, "--as-of") if as_of else None)
-    typer.echo(render_card(customer_card(store, customer_id, history)))
+    typer.echo(render_card(customer_card(store, customer_id, history, explain_factors=run_factors)))
 
 
 @app.command()

@@ -7,6 +7,7 @@ found through ``RunStore.artifact`` (the manifest), so this module knows no file
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,12 @@ def last_orders(store: RunStore, customer: str, n: int = LAST_ORDERS) -> pd.Data
     return orders.sort_values("order_ts", ascending=False).head(n).reset_index()
 
 
-def customer_card(store: RunStore, given: str, history_runs: int = 30) -> dict[str, Any]:
-    """Everything the card shows, as plain values."""
+def customer_card(store: RunStore, given: str, history_runs: int = 30,
+                  explain_factors: Callable[[RunStore, list[str]], pd.DataFrame | None] | None = None
+                  ) -> dict[str, Any]:
+    """Everything the card shows, as plain values. A run whose churn scores leave the top factors to be
+    computed where they are read gets them from ``explain_factors`` (the CLI passes the churn stage's
+    ``tasks.churn.model_files.run_factors``; this layer does not import the stages)."""
     customer, pseudonym = resolve(store, given)
 
     def first(frame: pd.DataFrame | None) -> dict[str, Any]:
@@ -107,6 +112,11 @@ def customer_card(store: RunStore, given: str, history_runs: int = 30) -> dict[s
     scores = rows(store, "churn", "scores", ID, customer)
     factors = []
     if scores is not None and len(scores):
+        if explain_factors is not None and ("factor_1" not in scores or scores["factor_1"].isna().all()):
+            found = explain_factors(store, [customer])
+            if found is not None and len(found):
+                scores = scores.drop(columns=[c for c in scores.columns if c.startswith("factor_")]).merge(
+                    found, on=ID)
         row = scores.iloc[0]
         factors = [(row[c], row[f"{c}_effect"]) for c in scores.columns
                    if c.startswith("factor_") and not c.endswith("_effect") and pd.notna(row[c])]
@@ -153,7 +163,7 @@ def render_card(card: dict[str, Any]) -> str:
     if churn:
         out.append(f"Churn: probability {churn['churn_probability']:.3f} ({churn['risk_band']} risk)"
                    + ("; top factors: " + ", ".join(f"{n} ({e:+.3f})" for n, e in card["churn_factors"])
-                      if card["churn_factors"] else ""))
+                      if card["churn_factors"] else "; top factors: not computed in this run"))
     else:
         out.append("Churn: not scored in this run")
     value = card["value"]

@@ -321,6 +321,37 @@ def test_repeat_purchase_summary_is_x_tx_and_t_in_days():
     assert summary.loc["a"].tolist() == [1.0, 10.0, 30.0] and summary.loc["b"].tolist() == [0.0, 0.0, 10.0]
 
 
+def _summary_by_group_by(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
+    """The former definition of ``repeat_purchase_summary``: a group-by on the two text keys."""
+    past = order_lines[(order_lines["order_ts"] < end) & ~order_lines["is_return"]]
+    orders = past.groupby(["customer_id", "order_id"], sort=False)["order_ts"].min().groupby(level=0)
+    first, last, count = orders.min(), orders.max(), orders.size()
+    day = pd.Timedelta(days=1)
+    return pd.DataFrame({"x": (count - 1).astype("float64"), "t_x": (last - first) / day, "T": (end - first) / day})
+
+
+@pytest.mark.parametrize("id_dtype", [object, "string", "str"])
+def test_repeat_purchase_summary_equals_the_group_by_definition(id_dtype):
+    """Multi-line orders whose lines differ in time, an order id shared by two customers, a return, a line after
+    the end, lines without a customer or an order id, ids that sort differently as text and as numbers."""
+    rows = [("c10", "o1", "2025-01-01 08:00", False), ("c10", "o1", "2025-01-01 07:30", False),
+            ("c10", "o2", "2025-01-05 10:00", False), ("c2", "o1", "2025-01-03 09:00", False),
+            ("c2", "r1", "2025-01-04 09:00", True), ("C1", "o9", "2025-01-02 12:00", False),
+            ("C1", "o9", "2025-02-02 12:00", False), ("é", "o7", "2025-01-20 00:00", False),
+            (None, "o8", "2025-01-06 00:00", False), ("c3", None, "2025-01-07 00:00", False),
+            ("c3", "o3", "2025-01-08 00:00", False), ("c10", "o4", "2025-01-31 00:00", False),
+            ("only-return", "r2", "2025-01-09 00:00", True)]
+    lines = pd.DataFrame(rows, columns=["customer_id", "order_id", "order_ts", "is_return"])
+    lines = lines.assign(customer_id=lines["customer_id"].astype(id_dtype), order_id=lines["order_id"].astype(id_dtype),
+                         order_ts=pd.to_datetime(lines["order_ts"], utc=True).astype("datetime64[us, UTC]"))
+    for end in ("2025-01-31", "2025-01-03 08:00", "2024-12-31"):
+        end = pd.Timestamp(end, tz="UTC")
+        got, expected = repeat_purchase_summary(lines, end), _summary_by_group_by(lines, end)
+        pd.testing.assert_frame_equal(got, expected, check_exact=True)
+    shuffled = lines.sample(frac=1.0, random_state=0)
+    pd.testing.assert_frame_equal(repeat_purchase_summary(shuffled, end), _summary_by_group_by(shuffled, end))
+
+
 def test_bgnbd_recovers_the_parameters_of_simulated_customers():
     """Simulate BG/NBD customers (gamma purchase rates, beta drop-out after each purchase) and fit them back."""
     rng = np.random.default_rng(3)

@@ -16,13 +16,19 @@ from tasks.churn import (
     ID,
     LABEL,
     Champion,
+    FactorRecipe,
     candidate_models,
     churn,
+    compare_models,
+    dump_model,
+    explain_customers,
+    factors_on_demand,
     labelled_examples,
     load_model,
     model_frame,
     numeric_feature_columns,
     plan_cutoffs,
+    score_customers,
     top_categories_at,
     train_and_score,
     train_explicit,
@@ -100,7 +106,12 @@ def test_scores_cover_every_customer_with_a_band_and_factors(small_export):
     assert scores["churn_probability"].between(0, 1).all()
     assert set(scores["risk_band"]) <= {"low", "medium", "high"}
     assert {"factor_1", "factor_2", "factor_1_effect"} <= set(scores.columns) and "factor_3" not in scores
-    assert scores["factor_1"].isin(out.metrics["features"]).all()
+    # Factors are left to where they are read; the recipe and the inputs to compute them travel with the model.
+    assert scores["factor_1"].isna().all() and out.metrics["factors_stored"] is False
+    assert out.model_inputs[ID].tolist() == scores[ID].tolist()
+    on_demand = explain_customers(out.model, FactorRecipe.from_json(out.model_metadata["factors"]),
+                                  out.model_inputs.head(50))
+    assert on_demand["factor_1"].isin(out.metrics["features"]).all()
     assert out.calibration["customers"].sum() == out.metrics["validation"]["n"]
     assert out.metrics["horizon"]["suggested_horizon_days"] % 7 == 0
     # Training examples come from cutoffs whose labels end where validation begins, never later.
@@ -175,3 +186,57 @@ def test_an_explicit_champion_is_judged_only_on_customers_it_was_not_fitted_on()
     out = train_explicit(table, "churn", "id", options, seed=0, champion=seen_half)
     assert out.metrics["champion_validation"]["n"] == 250
     assert out.metrics["challenger_validation"]["n"] == 250
+
+
+@pytest.mark.parametrize("chosen", ["ensemble", "logistic_regression"])
+def test_factors_on_demand_equal_the_bulk_factors_row_by_row(small_export, tmp_path, chosen):
+    """The old definition (every scored customer's factors in bulk, from the reference rows) against the new one
+    (the saved model, the saved inputs and the sidecar's recipe, through JSON and files, a few customers per
+    call): the same factor names and the same effects, customer by customer, for an ablation-explained model
+    and a linear one."""
+    _, customers, lines = small_export
+    options = ChurnOptions(training_cutoffs=1, top_factors=3)
+    out = train_and_score(customers, lines, AS_OF, options, seed=1)
+    train = out.training_set[out.training_set["split"] == "train"].drop(columns="split")
+    model, recipe = out.model, FactorRecipe.from_json(json.loads(json.dumps(out.model_metadata["factors"])))
+    if chosen != recipe.model:  # the same inputs scored and explained by another fitted family
+        numeric = recipe.numeric
+        model = clone(candidate_models(numeric, [], seed=0)[chosen]).fit(
+            model_frame(train, numeric, []), train[LABEL].astype(int).to_numpy())
+        recipe = FactorRecipe.of(chosen, numeric, [], recipe.candidates, train, recipe.top_factors)
+    old = score_customers(model, chosen, out.model_inputs, recipe.numeric, [], train,
+                          out.metrics["validation"]["threshold"], options, factor_candidates=recipe.candidates)
+    dump_model(model, tmp_path / "model.skops")
+    out.model_inputs.to_parquet(tmp_path / "inputs.parquet")
+    metadata = json.loads(json.dumps({"factors": recipe.as_json()}))
+    ids = out.model_inputs[ID].tolist()
+    new = pd.concat([factors_on_demand(tmp_path / "model.skops", metadata, tmp_path / "inputs.parquet",
+                                       ids[i:i + 97]) for i in range(0, len(ids), 97)], ignore_index=True)
+    new = new.set_index(ID).loc[old[ID]].reset_index()
+    factor_columns = [c for c in old.columns if c.startswith("factor_")]
+    assert len(factor_columns) == 6 and old["factor_1"].notna().all()
+    pd.testing.assert_frame_equal(new[[ID, *factor_columns]], old[[ID, *factor_columns]], check_dtype=False)
+    assert factors_on_demand(tmp_path / "model.skops", metadata, tmp_path / "inputs.parquet", ["nobody"]).empty
+    assert factors_on_demand(tmp_path / "model.skops", {}, tmp_path / "inputs.parquet", ids[:3]) is None
+
+
+def test_the_families_fitted_side_by_side_are_the_families_fitted_one_by_one(tonight):
+    """The old definition, every candidate fitted alone in turn, against ``compare_models``'s threads: the same
+    validation predictions, bit for bit, for every family and the ensemble."""
+    valid, _, _ = tonight
+    numeric = numeric_feature_columns(valid)
+    half = len(valid) // 2
+    train, held = valid.iloc[:half].reset_index(drop=True), valid.iloc[half:].reset_index(drop=True)
+    options = ChurnOptions()
+    fitted, predictions = compare_models(train, held, numeric, [], options, seed=3)
+    x_train, x_held = model_frame(train, numeric, []), model_frame(held, numeric, [])
+    y_train = train[LABEL].astype("int64").to_numpy()
+    alone = {}
+    for name, model in candidate_models(numeric, [], 3, options.class_weighting, len(train)).items():
+        if name != "ensemble":
+            alone[name] = clone(model).fit(x_train, y_train).predict_proba(x_held)[:, 1]
+    alone["ensemble"] = np.mean([alone[m] for m in ("logistic_regression", "random_forest", "gradient_boosting")],
+                                axis=0)
+    assert list(predictions) == list(alone) == list(fitted)
+    for name, p in alone.items():
+        np.testing.assert_array_equal(predictions[name], p, err_msg=name)

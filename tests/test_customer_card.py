@@ -67,3 +67,20 @@ def test_a_customer_without_a_value_row_and_an_unknown_id(tmp_path):
         customer_card(store, "Z")
     with pytest.raises(LookupError, match="has no manifest"):
         card_run(tmp_path, date(2025, 1, 9))
+
+
+def test_factors_left_to_the_reader_are_computed_for_the_card_or_said_to_be_missing(tmp_path):
+    store = _run(tmp_path, date(2025, 1, 1), {"A": "regulars"})
+    store.write_frame("churn", "scores", pd.DataFrame({  # read by the layout: the manifest does not list it
+        "customer_id": ["A"], "churn_probability": [0.25], "risk_band": ["low"], "at_risk": [False],
+        "factor_1": pd.Series([None], dtype=object), "factor_1_effect": [float("nan")]}))
+    asked = []
+
+    def explain(run, ids):
+        asked.append((run.as_of, list(ids)))
+        return pd.DataFrame({"customer_id": ids, "factor_1": ["recency_days"], "factor_1_effect": [0.125]})
+
+    card = customer_card(store, "A", explain_factors=explain)
+    assert asked == [(date(2025, 1, 1), ["A"])] and card["churn_factors"] == [("recency_days", 0.125)]
+    assert "top factors: recency_days (+0.125)" in render_card(card)
+    assert "top factors: not computed in this run" in render_card(customer_card(store, "A"))

@@ -212,3 +212,29 @@ def test_customer_value_joins_everything_and_pseudonymises_ids():
     assert out.by_segment["total_value_at_risk"].sum() == pytest.approx(valued["value_at_risk"].sum())
     assert as_of_end(AS_OF) > lines["order_ts"].max()
     assert out.metrics["fits"]["bgnbd"]["problem"] is None and out.metrics["customers_valued"] == len(valued)
+
+
+def test_the_action_list_asks_for_the_factors_the_scores_do_not_hold_and_only_for_listed_customers():
+    """C0's scores carry factors; C1's and C2's are empty (computed where read); C3 is below the list's 0.3."""
+    valued = pd.DataFrame({"value_rank": range(1, 5), "customer_id": ["C0", "C1", "C2", "C3"],
+                           "customer_id_pseudonym": ["p0", "p1", "p2", "p3"], "segment_name": "s",
+                           "lifecycle": "active", "churn_probability": [0.5, 0.7, 0.4, 0.1],
+                           "churn_source": "churn model", "risk_band": "medium", "p_alive": 0.5, "clv": 1000.0,
+                           "value_at_risk": [500.0, 400.0, 300.0, 100.0]})
+    scores = pd.DataFrame({"customer_id": ["C0", "C1", "C2", "C3"], "churn_probability": [0.5, 0.7, 0.4, 0.1],
+                           "risk_band": "medium", "factor_1": ["recency_days", None, None, None],
+                           "factor_1_effect": [0.3, np.nan, np.nan, np.nan]})
+    asked = []
+
+    def explain(ids):
+        asked.append(list(ids))
+        return pd.DataFrame({"customer_id": ids, "factor_1": ["frequency_orders"] * len(ids),
+                             "factor_1_effect": [-0.25] * len(ids)})
+
+    actions = action_list(valued, scores, None, ValueOptions(), explain)
+    assert asked == [["C1", "C2"]]
+    assert actions.set_index("customer_id")["top_factors"].to_dict() == {
+        "C0": ["recency_days (+0.300)"], "C1": ["frequency_orders (-0.250)"], "C2": ["frequency_orders (-0.250)"]}
+    # Without a source (an older run, or churn skipped) the listed customers without factors show none.
+    assert action_list(valued, scores, None, ValueOptions())["top_factors"].tolist() == [
+        ["recency_days (+0.300)"], [], []]

@@ -109,6 +109,8 @@ def test_the_customer_card_by_id_and_by_pseudonym(run_dir, sample_root):
     assert f"value at risk {top['value_at_risk']:,.2f}" in card and f"CLV {top['clv']:,.2f}" in card
     assert f"Action: #1 {top['suggested_action']}" in card
     assert f"probability {top['churn_probability']:.3f}" in card and "top factors:" in card
+    # The churn scores leave the factors to where they are read: the action list and the card compute the same.
+    assert len(top["top_factors"]) > 0 and f"top factors: {', '.join(top['top_factors'])}" in card
     lines = pd.read_parquet(run_dir / "clean" / "order_lines.parquet", filters=[("customer_id", "==",
                                                                                   top["customer_id"])])
     purchases = lines[~lines["is_return"]]

@@ -55,8 +55,11 @@ from tasks.churn.explanations import (
     PERMUTATION_REPEATS,
     PREDICT_BATCH_ROWS,
     PREDICT_THREADS,
+    FactorRecipe,
     ablation_contributions,
+    empty_factors,
     explain,
+    explain_customers,
     explain_method,
     factor_candidates,
     global_importances,
@@ -67,6 +70,7 @@ from tasks.churn.explanations import (
     source_column,
     stacked_copies,
     top_factors,
+    typical_values,
 )
 from tasks.churn.explicit import coerce_labels, infer_columns, train_explicit
 from tasks.churn.horizon import GAP_QUANTILES, horizon_advice, interpurchase_gaps
@@ -84,7 +88,15 @@ from tasks.churn.metrics import (
     threshold_rule_text,
     top_decile_lift,
 )
-from tasks.churn.model_files import TRUSTED_TYPES, UntrustedModelError, dump_model, estimator_parameters, load_model
+from tasks.churn.model_files import (
+    TRUSTED_TYPES,
+    UntrustedModelError,
+    dump_model,
+    estimator_parameters,
+    factors_on_demand,
+    load_model,
+    run_factors,
+)
 from tasks.churn.models import (
     ENSEMBLE,
     ENSEMBLE_MEMBERS,
@@ -110,18 +122,19 @@ __all__ = [
     "FACTOR_CANDIDATES_AT_SCALE", "FOREST_MAX_SAMPLES", "GAP_QUANTILES", "ID", "LABEL", "MAX_CATEGORY_LEVELS",
     "MAX_FACTOR_CANDIDATES", "NON_FEATURES", "PERMUTATION_MAX_ROWS", "PERMUTATION_REPEATS", "PREDICT_BATCH_ROWS",
     "PREDICT_THREADS", "RISK_BAND_NAMES", "TRUSTED_TYPES",
-    "BalancedClassifier", "Champion", "ChurnNotPossible", "ChurnOutput", "Contest", "Decision", "MeanEnsemble",
-    "Rescored", "Scorer", "UntrustedModelError",
+    "BalancedClassifier", "Champion", "ChurnNotPossible", "ChurnOutput", "Contest", "Decision", "FactorRecipe",
+    "MeanEnsemble", "Rescored", "Scorer", "UntrustedModelError",
     "ablation_contributions", "active_customers", "best_f1_threshold", "bgnbd_features", "calibration_table",
     "candidate_models", "challenger_scorer", "champion_problem", "champion_scorer", "choose_threshold", "churn",
     "churn_features", "churn_figures", "churn_labels", "churn_output", "churn_section", "coerce_labels",
-    "compare_models", "comparison_table", "crossfit_operating_point", "decide", "dump_model", "estimator_parameters",
-    "evaluate", "explain", "explain_method", "explicit_stage", "factor_candidates", "fit_bgnbd",
-    "global_importances", "hold_contest", "honest_metrics", "horizon_advice", "horizon_text", "in_parallel_batches",
-    "infer_columns", "interpurchase_gaps", "labelled_examples", "linear_contributions", "load_champion",
-    "load_model", "model_frame", "numeric_feature_columns", "plan_cutoffs", "predict", "predict_in_batches",
-    "preprocessor", "publish", "recall_threshold", "repeat_purchase_summary", "risk_band", "score_customers",
-    "signed_log1p", "single_openmp_thread", "source_column", "stacked_copies", "threshold_rule_text",
-    "top_categories_at", "top_decile_lift", "top_factors", "train_and_score", "train_explicit",
-    "training_population", "with_champion_row",
+    "compare_models", "comparison_table", "crossfit_operating_point", "decide", "dump_model", "empty_factors",
+    "estimator_parameters", "evaluate", "explain", "explain_customers", "explain_method", "explicit_stage",
+    "factor_candidates", "factors_on_demand", "fit_bgnbd", "global_importances", "hold_contest", "honest_metrics",
+    "horizon_advice", "horizon_text", "in_parallel_batches", "infer_columns", "interpurchase_gaps",
+    "labelled_examples", "linear_contributions", "load_champion", "load_model", "model_frame",
+    "numeric_feature_columns", "plan_cutoffs", "predict", "predict_in_batches", "preprocessor", "publish",
+    "recall_threshold", "repeat_purchase_summary", "risk_band", "run_factors", "score_customers", "signed_log1p",
+    "single_openmp_thread", "source_column", "stacked_copies", "threshold_rule_text", "top_categories_at",
+    "top_decile_lift", "top_factors", "train_and_score", "train_explicit", "training_population", "typical_values",
+    "with_champion_row",
 ]

@@ -39,6 +39,8 @@ class ChurnOutput(NamedTuple):
     calibration: pd.DataFrame
     importances: pd.DataFrame
     gaps: pd.Series  # inter-purchase gaps in days (empty for explicit labels)
+    # Each scored customer's model inputs, for factors computed on demand (None: the scores carry the factors)
+    model_inputs: pd.DataFrame | None = None
 
 
 class Champion(NamedTuple):
@@ -185,7 +187,7 @@ def champion_scorer(champion: Champion, contest: Contest, categorical: list[str]
 def churn_output(contest: Contest, scorer: Scorer, label_source: str, options: ChurnOptions, protocol: dict,
                  features: dict, scores: pd.DataFrame, training_set: pd.DataFrame,
                  validation_predictions: pd.DataFrame, calibration: pd.DataFrame, importances: pd.DataFrame,
-                 gaps: pd.Series) -> ChurnOutput:
+                 gaps: pd.Series, model_inputs: pd.DataFrame | None = None) -> ChurnOutput:
     """The stage's output and its metrics: the verdict, the path's validation ``protocol`` and ``features``
     entries, the scorer's validation metrics and the scored customers."""
     metrics = {
@@ -203,9 +205,10 @@ def churn_output(contest: Contest, scorer: Scorer, label_source: str, options: C
         "scored_customers": len(scores),
         "risk_bands": scores["risk_band"].value_counts().to_dict(),
         "factor_method": explain_method(scorer.name),
+        "factors_stored": model_inputs is None,  # False: computed on demand where a person reads them
     }
     return ChurnOutput(training_set, validation_predictions, contest.comparison, metrics, scores, scorer.model,
-                       scorer.metadata, calibration, importances, gaps)
+                       scorer.metadata, calibration, importances, gaps, model_inputs)
 
 
 def load_champion(previous: RunStore | None, label_source: str) -> tuple[Champion | None, str]:

@@ -59,7 +59,8 @@ def churn_features(customers: pd.DataFrame, order_lines: pd.DataFrame, cutoff: d
     or since the data begins for older customers, whose frequency over tenure would understate their rate),
     and BG/NBD probabilities fitted on that same past."""
     end = as_of_end(cutoff)
-    past = order_lines[order_lines["order_ts"] < end]
+    before = (order_lines["order_ts"] < end).to_numpy(dtype=bool)
+    past = order_lines if before.all() else order_lines[before]  # tonight's lines are all before: no copy
     feats = build_customer_features(customers, past, cutoff, top_categories=top_categories)
     summary = repeat_purchase_summary(past, end)
     bgnbd = bgnbd_features(summary, fit_bgnbd(summary), horizon_days).reindex(feats[ID])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -80,18 +80,26 @@ def predict_in_batches(model: Any, frame: pd.DataFrame) -> np.ndarray:
     return p
 
 
+def typical_values(reference: pd.DataFrame, numeric: list[str], categorical: list[str]) -> dict[str, Any]:
+    """The value each input is set to when its effect is measured: the reference rows' median, or most common
+    category (NaN when the reference has none)."""
+    typical = {c: reference[c].median() for c in numeric}
+    typical |= {c: reference[c].mode(dropna=True).iloc[0] if reference[c].notna().any() else np.nan
+                for c in categorical}
+    return typical
+
+
 def ablation_contributions(model: Any, frame: pd.DataFrame, numeric: list[str],
-                           categorical: list[str], reference: pd.DataFrame,
-                           probability: np.ndarray | None = None) -> pd.DataFrame:
+                           categorical: list[str], reference: pd.DataFrame | None,
+                           probability: np.ndarray | None = None,
+                           typical: dict[str, Any] | None = None) -> pd.DataFrame:
     """Per customer and input column: the predicted probability minus the prediction with that column set to
-    a typical value (the reference rows' median, or most common category). Model-agnostic and exact for the
+    a typical value (``typical``, or ``typical_values`` of the reference rows). Model-agnostic and exact for the
     customer at hand; all variants go through the model in a few large batches. A customer whose value already
     is the typical one has an effect of exactly 0 and is not predicted again; ``probability`` (the model's
     predictions for ``frame``, when the caller has them) saves predicting the customers as they are."""
     p_now = predict_in_batches(model, frame) if probability is None else np.asarray(probability)
-    typical = {c: reference[c].median() for c in numeric}
-    typical |= {c: reference[c].mode(dropna=True).iloc[0] if reference[c].notna().any() else np.nan
-                for c in categorical}
+    typical = typical_values(reference, numeric, categorical) if typical is None else typical
     columns = [*numeric, *categorical]
     effects = np.zeros((len(frame), len(columns)))
 
@@ -140,12 +148,69 @@ def top_factors(contributions: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 def explain(model: Any, name: str, frame: pd.DataFrame, numeric: list[str], categorical: list[str],
-            reference: pd.DataFrame, n: int, probability: np.ndarray | None = None) -> pd.DataFrame:
+            reference: pd.DataFrame | None, n: int, probability: np.ndarray | None = None,
+            typical: dict[str, Any] | None = None) -> pd.DataFrame:
     """Top factors per customer: a linear model's own contributions, otherwise the ablation effects (see
     ``explain_method`` for the wording the report uses)."""
     if name == "logistic_regression" and isinstance(model, BalancedClassifier):
         return top_factors(linear_contributions(model, frame), n)
-    return top_factors(ablation_contributions(model, frame, numeric, categorical, reference, probability), n)
+    return top_factors(ablation_contributions(model, frame, numeric, categorical, reference, probability,
+                                              typical), n)
+
+
+def empty_factors(rows: int, n: int) -> pd.DataFrame:
+    """The factor columns of ``top_factors`` with nothing in them (names None, effects NaN)."""
+    out = {}
+    for k in range(n):
+        out[f"factor_{k + 1}"] = np.full(rows, None, dtype=object)
+        out[f"factor_{k + 1}_effect"] = np.full(rows, np.nan)
+    return pd.DataFrame(out)
+
+
+class FactorRecipe(NamedTuple):
+    """What computing a scored customer's top factors later takes besides the model and the customer's inputs:
+    the same inputs, candidates and typical values the bulk computation would use, so on demand gives the
+    factors the scores table would have held. Saved in the model's sidecar (``as_json``)."""
+
+    model: str  # the scorer's name (decides linear contributions or ablation)
+    numeric: list[str]  # the model's input columns
+    categorical: list[str]
+    candidates: list[str]  # the inputs whose effects are measured (ablation)
+    typical: dict[str, Any]  # the value each candidate is set to
+    top_factors: int
+
+    @classmethod
+    def of(cls, name: str, numeric: list[str], categorical: list[str], candidates: list[str] | None,
+           reference: pd.DataFrame, top_factors: int) -> FactorRecipe:
+        keep = set(candidates) if candidates is not None else set(numeric) | set(categorical)
+        chosen = [c for c in numeric if c in keep] + [c for c in categorical if c in keep]
+        typical = typical_values(model_frame(reference, numeric, categorical),
+                                 [c for c in numeric if c in keep], [c for c in categorical if c in keep])
+        return cls(name, list(numeric), list(categorical), chosen, typical, top_factors)
+
+    def as_json(self) -> dict[str, Any]:
+        def plain(v: Any) -> Any:  # NaN is not JSON: missing typical values are saved as null
+            return None if pd.isna(v) else float(v) if isinstance(v, float | np.floating) else v
+        return {**self._asdict(), "typical": {c: plain(v) for c, v in self.typical.items()}}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> FactorRecipe:
+        typical = {c: np.nan if v is None else v for c, v in payload["typical"].items()}
+        return cls(payload["model"], list(payload["numeric"]), list(payload["categorical"]),
+                   list(payload["candidates"]), typical, int(payload["top_factors"]))
+
+
+def explain_customers(model: Any, recipe: FactorRecipe, inputs: pd.DataFrame) -> pd.DataFrame:
+    """``customer_id`` and the top-factor columns for the customers of ``inputs`` (their model inputs as the
+    stage saved them): the same values ``score_customers`` computes in bulk, for a few customers at a time."""
+    x = model_frame(inputs, recipe.numeric, recipe.categorical).reset_index(drop=True)
+    if x.empty:
+        factors = empty_factors(0, recipe.top_factors)
+    else:
+        factors = explain(model, recipe.model, x, [c for c in recipe.numeric if c in recipe.candidates],
+                          [c for c in recipe.categorical if c in recipe.candidates], None, recipe.top_factors,
+                          typical=recipe.typical)
+    return pd.concat([pd.DataFrame({ID: inputs[ID].to_numpy()}), factors.reset_index(drop=True)], axis=1)
 
 
 def explain_method(name: str) -> str:
@@ -181,16 +246,20 @@ def global_importances(model: Any, frame: pd.DataFrame, y: np.ndarray, seed: int
 
 def score_customers(model: Any, name: str, frame: pd.DataFrame, numeric: list[str], categorical: list[str],
                     reference: pd.DataFrame, threshold: float, options: ChurnOptions,
-                    probability: np.ndarray | None = None, factor_candidates: list[str] | None = None
-                    ) -> pd.DataFrame:
+                    probability: np.ndarray | None = None, factor_candidates: list[str] | None = None,
+                    with_factors: bool = True) -> pd.DataFrame:
     """Probability, risk band, at-risk flag and top factors for every row of ``frame``; model-agnostic factors
     are looked for among ``factor_candidates`` (the globally most important inputs), which bounds their cost
-    at one prediction per candidate and customer."""
+    at one prediction per candidate and customer. Without ``with_factors`` the factor columns are there but
+    empty: the readers compute them on demand (``FactorRecipe``) for the customers a person looks at."""
     x = model_frame(frame, numeric, categorical)
     p = predict_in_batches(model, x) if probability is None else probability
     keep = set(factor_candidates) if factor_candidates is not None else set(numeric) | set(categorical)
-    factors = explain(model, name, x, [c for c in numeric if c in keep], [c for c in categorical if c in keep],
-                      model_frame(reference, numeric, categorical), options.top_factors, p)
+    if with_factors:
+        factors = explain(model, name, x, [c for c in numeric if c in keep], [c for c in categorical if c in keep],
+                          model_frame(reference, numeric, categorical), options.top_factors, p)
+    else:
+        factors = empty_factors(len(x), options.top_factors)
     scores = pd.DataFrame({
         ID: frame[ID].to_numpy(),
         "churn_probability": np.round(p, 6),

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+import pyarrow.parquet as pq
 import skops.io as sio
 
-from crm_analytics.artifacts import dump_skops
+from crm_analytics.artifacts import RunStore, dump_skops
+from tasks.churn.examples import ID
+from tasks.churn.explanations import FactorRecipe, explain_customers
 from tasks.churn.models import ENSEMBLE_MEMBERS, BalancedClassifier, MeanEnsemble
 
 
@@ -49,3 +53,28 @@ def estimator_parameters(model: Any) -> dict[str, Any]:
     params = final.get_params(deep=False)
     return {"estimator": type(final).__name__,
             **{k: (v if isinstance(v, str | int | float | bool | type(None)) else repr(v)) for k, v in params.items()}}
+
+
+def factors_on_demand(model_file: Any, metadata: dict, inputs_file: Any, ids: list[str]) -> pd.DataFrame | None:
+    """The top factors of the customers ``ids`` from a run's saved churn model, its sidecar's factor recipe and
+    the saved model inputs (``customer_id`` and the factor columns, for the ids the inputs hold), or None when
+    the run saved no recipe. The same values the scores table would have held had they been computed in bulk."""
+    if "factors" not in metadata:
+        return None
+    recipe = FactorRecipe.from_json(metadata["factors"])
+    wanted = [str(i) for i in dict.fromkeys(ids)]
+    inputs = pq.read_table(inputs_file, filters=[(ID, "in", wanted)]).to_pandas() if wanted else None
+    if inputs is None or inputs.empty:  # no model call: an empty table with the same columns
+        columns = [ID, *recipe.numeric, *recipe.categorical]
+        return explain_customers(None, recipe, pd.DataFrame({c: pd.Series(dtype=object) for c in columns}))
+    return explain_customers(load_model(model_file), recipe, inputs)
+
+
+def run_factors(store: RunStore, ids: list[str]) -> pd.DataFrame | None:
+    """``factors_on_demand`` for a complete run's saved churn model (None when the run saved no model inputs)."""
+    model = store.artifact("churn", "model", filename="model.skops")
+    metadata = store.artifact("churn", "model_metadata", filename="model.json")
+    inputs = store.artifact("churn", "model_inputs")
+    if model is None or metadata is None or inputs is None:
+        return None
+    return factors_on_demand(model.file, store.read_json(metadata), inputs.file, ids)

@@ -8,6 +8,8 @@ and risk bands stay meaningful.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,6 +34,8 @@ MAX_CATEGORY_LEVELS = 30
 # Past it, trees are grown on subsamples and 100 of them suffice (300 below it, where rows are few).
 FOREST_MAX_SAMPLES = 25_000
 ENSEMBLE = "ensemble"
+FIT_THREADS = max(1, min(2, os.cpu_count() or 1))
+FIT_ORDER = ("random_forest", "gradient_boosting", "logistic_regression", "decision_tree")  # by fitting time
 ENSEMBLE_MEMBERS = ("logistic_regression", "random_forest", "gradient_boosting")
 
 
@@ -176,17 +180,31 @@ def predict(model: Any, frame: pd.DataFrame, numeric: list[str], categorical: li
 
 def compare_models(train: pd.DataFrame, valid: pd.DataFrame, numeric: list[str], categorical: list[str],
                    options: ChurnOptions, seed: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Fit every candidate on ``train`` and predict ``valid``."""
+    """Fit every candidate on ``train`` and predict ``valid``.
+
+    The families are fitted side by side on ``FIT_THREADS`` threads (the forest's and the boosting's fits run
+    without the GIL): each fit is the same as alone (its own seed, its own data, OpenMP held at one thread as
+    in ``BalancedClassifier``), so the models and their predictions do not depend on the thread count."""
     x_train, y_train = model_frame(train, numeric, categorical), train[LABEL].astype("int64").to_numpy()
     x_valid = model_frame(valid, numeric, categorical)
+    candidates = candidate_models(numeric, categorical, seed, options.class_weighting, len(train))
+
+    def fit(name: str) -> tuple[Any, np.ndarray]:
+        model = clone(candidates[name]).fit(x_train, y_train)
+        return model, model.predict_proba(x_valid)[:, 1]
+
+    slowest_first = sorted((n for n in candidates if n != ENSEMBLE), key=lambda n: FIT_ORDER.index(n)
+                           if n in FIT_ORDER else len(FIT_ORDER))
+    with single_openmp_thread(), ThreadPoolExecutor(FIT_THREADS) as pool:
+        running = {name: pool.submit(fit, name) for name in slowest_first}
+        done = {name: job.result() for name, job in running.items()}
     fitted, predictions = {}, {}
-    for name, model in candidate_models(numeric, categorical, seed, options.class_weighting, len(train)).items():
+    for name in candidates:
         if name == ENSEMBLE:
             fitted[name] = MeanEnsemble.of_fitted([fitted[m] for m in ENSEMBLE_MEMBERS])
             predictions[name] = np.mean([predictions[m] for m in ENSEMBLE_MEMBERS], axis=0)
-            continue
-        fitted[name] = clone(model).fit(x_train, y_train)
-        predictions[name] = fitted[name].predict_proba(x_valid)[:, 1]
+        else:
+            fitted[name], predictions[name] = done[name]
     return fitted, predictions
 
 

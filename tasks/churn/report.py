@@ -63,7 +63,9 @@ def churn_section(metrics: dict, comparison: pd.DataFrame, calibration: pd.DataF
     if "scored_customers" in metrics:
         counts = metrics.get("risk_bands", {})
         bands = ", ".join(f"{k} {counts[k]:,}" for k in RISK_BAND_NAMES if k in counts)
-        text += (f"\n\n{metrics['scored_customers']:,} customers scored ({bands}); each with its top factors: "
+        where = ("each with its top factors" if metrics.get("factors_stored", True) else
+                 "top factors computed where they are read (the action list, the customer card)")
+        text += (f"\n\n{metrics['scored_customers']:,} customers scored ({bands}); {where}: "
                  f"{metrics.get('factor_method', '')}.")
     if calibration is not None and not calibration.empty:
         shown = calibration[calibration["customers"] > 0]

@@ -33,6 +33,8 @@ def publish(run: RunSpec, out: ChurnOutput, input_hashes: dict[str, str]) -> Sta
         "model": store.write_with("churn", "model.skops", "model", lambda p: dump_model(out.model, p)),
         "model_metadata": store.write_json("churn", "model", metadata),
     }
+    if out.model_inputs is not None:
+        artifacts["model_inputs"] = store.write_frame("churn", "model_inputs", out.model_inputs)
     if len(out.gaps):
         artifacts["interpurchase_gaps"] = store.write_frame("churn", "interpurchase_gaps", out.gaps.to_frame())
     advice = out.metrics.get("horizon") or {}

@@ -3,7 +3,10 @@ champion re-scored on the same validation cutoff, and every (active) customer sc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import date, timedelta
+from typing import Any, TypeVar
 
 import pandas as pd
 
@@ -29,10 +32,22 @@ from tasks.churn.examples import (
     top_categories_at,
     training_population,
 )
-from tasks.churn.explanations import factor_candidates, global_importances, score_customers
+from tasks.churn.explanations import FactorRecipe, factor_candidates, global_importances, score_customers
 from tasks.churn.horizon import horizon_advice, interpurchase_gaps
 from tasks.churn.metrics import calibration_table, honest_metrics
 from tasks.churn.models import compare_models, comparison_table, model_frame, predict
+
+T = TypeVar("T")
+
+
+def in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
+    """``fn(*args)`` started on its own thread; a caller that fails before asking for the result lets it finish
+    and drops it."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="churn-background")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: date, options: ChurnOptions,
@@ -45,6 +60,11 @@ def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: d
 
     learners, learner_lines = training_population(customers, order_lines, options.max_training_customers, seed)
     categories = top_categories_at(learners, learner_lines, valid_cutoff)
+    # Tonight's features of every customer do not depend on the models: built on a second thread while the
+    # examples are built and the models fitted (those run mostly outside the GIL), used when the scoring model
+    # takes tonight's categories (a champion kept with its own categories gets its own build below).
+    tonight = in_background(churn_features, customers, order_lines, as_of, h, categories,
+                            options.active_within_days)
 
     def examples(cutoff: date, cats: list[str]) -> pd.DataFrame:
         return labelled_examples(learners, learner_lines, cutoff, h, cats, known_until=as_of,
@@ -98,10 +118,19 @@ def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: d
         measured = reference
 
     importances = global_importances(scorer.model, model_frame(measured, scorer.numeric, []), y_valid, seed)
-    current = churn_features(customers, order_lines, as_of, h, model_cats, options.active_within_days)
+    current = (tonight.result() if model_cats == categories else
+               churn_features(customers, order_lines, as_of, h, model_cats, options.active_within_days))
+    # Factors are computed where a person reads them (the value stage's action list, the customer card), from
+    # the saved model, these inputs and this recipe: in bulk they cost one prediction per candidate input and
+    # customer, most of the stage's time at a million customers, for lists nobody reads in full.
+    recipe = FactorRecipe.of(scorer.name, scorer.numeric, [], factor_candidates(importances, len(current)),
+                             reference, options.top_factors)
+    scorer = scorer._replace(metadata={**scorer.metadata, "factors": recipe.as_json()})
     scores = score_customers(scorer.model, scorer.name, current, scorer.numeric, [], reference,
-                             scorer.metrics["threshold"], options,
-                             factor_candidates=factor_candidates(importances, len(current)))
+                             scorer.metrics["threshold"], options, factor_candidates=recipe.candidates,
+                             with_factors=False)
+    model_inputs = model_frame(current, scorer.numeric, [])
+    model_inputs.insert(0, ID, current[ID].to_numpy())
     gaps = interpurchase_gaps(learner_lines, as_of)  # a population statistic: the training sample suffices
 
     validation_predictions = pd.DataFrame({ID: valid[ID], LABEL: y_valid, "probability": p_valid,
@@ -118,4 +147,5 @@ def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: d
     }
     training_set = pd.concat([train.assign(split="train"), valid.assign(split="validation")], ignore_index=True)
     return churn_output(contest, scorer, "transactions", options, protocol, {"features": scorer.numeric}, scores,
-                        training_set, validation_predictions, calibration_table(y_valid, p_valid), importances, gaps)
+                        training_set, validation_predictions, calibration_table(y_valid, p_valid), importances, gaps,
+                        model_inputs)

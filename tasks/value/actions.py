@@ -13,6 +13,8 @@ The rules, first match wins (``ACTION_RULES``; thresholds are ``ValueOptions``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 
@@ -28,6 +30,8 @@ ACTION_RULES = (
     ("reminder", "at risk, lower value"),
 )
 CHURN_MODEL, BGNBD_FALLBACK = "churn model", "1 - BG/NBD P(alive)"
+# Customer ids -> ``customer_id`` and their top-factor columns (or None): the churn model's factors on demand.
+FactorSource = Callable[[list[str]], "pd.DataFrame | None"]
 
 
 def top_factor_lists(scores: pd.DataFrame) -> pd.Series:
@@ -86,16 +90,32 @@ def value_at_risk(values: pd.DataFrame, scores: pd.DataFrame | None, assignments
     return ranked
 
 
+def with_factors(listed: pd.DataFrame, explain: FactorSource) -> pd.DataFrame:
+    """``listed`` scores with the top factors the scores do not hold (the churn stage leaves them to be computed
+    where they are read) filled in by ``explain``."""
+    missing = listed["factor_1"].isna().to_numpy() if "factor_1" in listed else np.ones(len(listed), dtype=bool)
+    if not missing.any():
+        return listed
+    found = explain(listed.loc[missing, ID].tolist())
+    if found is None or found.empty:
+        return listed
+    plain = listed.loc[missing, [c for c in listed.columns if not c.startswith("factor_")]]
+    return pd.concat([listed[~missing], plain.merge(found, on=ID, how="left")], ignore_index=True)
+
+
 def action_list(valued: pd.DataFrame, scores: pd.DataFrame | None, recommendations: pd.DataFrame | None,
-                options: ValueOptions) -> pd.DataFrame:
+                options: ValueOptions, explain: FactorSource | None = None) -> pd.DataFrame:
     """The ``action_rows`` customers with the highest value at risk among those whose churn probability is at
     least ``min_churn_probability`` (``valued`` is ranked already), with the churn model's top factors, the top
-    recommended products and the suggested action (see the module's rules)."""
+    recommended products and the suggested action (see the module's rules). ``explain`` computes the factors of
+    listed customers whose scores carry none."""
     at_risk = valued[(valued["churn_probability"] >= options.min_churn_probability)
                      & (valued["value_at_risk"] > 0)].head(options.action_rows).reset_index(drop=True)
     ids = at_risk[ID].to_numpy()
     # Only the listed customers' factors and products: the lists are built in Python, per customer.
     listed = scores[scores[ID].isin(ids)] if scores is not None else None
+    if explain is not None and listed is not None and len(listed):
+        listed = with_factors(listed, explain)
     factors = top_factor_lists(listed) if listed is not None and len(listed) else pd.Series(dtype=object)
     products = recommended_lists(None if recommendations is None else
                                  recommendations[recommendations[ID].isin(ids)], options.recommended_products)

@@ -9,7 +9,7 @@ import pandas as pd
 
 from crm_analytics.parameters import ValueOptions
 from crm_analytics.privacy import pseudonymise
-from tasks.value.actions import ID, action_list, value_at_risk, value_by_segment
+from tasks.value.actions import ID, FactorSource, action_list, value_at_risk, value_by_segment
 from tasks.value.clv import customer_lifetime_values
 
 
@@ -24,11 +24,13 @@ class ValueOutput(NamedTuple):
 def customer_value(order_lines: pd.DataFrame, as_of: date, options: ValueOptions, pseudonym_key: bytes,
                    scores: pd.DataFrame | None = None, assignments: pd.DataFrame | None = None,
                    recommendations: pd.DataFrame | None = None,
-                   risk_band_edges: list[float] | tuple[float, ...] = (0.3, 0.6)) -> ValueOutput:
+                   risk_band_edges: list[float] | tuple[float, ...] = (0.3, 0.6),
+                   explain_factors: FactorSource | None = None) -> ValueOutput:
     """CLV per customer with a purchase before the end of ``as_of``, value at risk, the per-segment totals, the
     ranked action list and each customer's last purchases (for the customer card). Raises ``ValueNotPossible``
     (with the reason and the fits' diagnostics) when the export cannot support the model or the fit is not
-    usable.
+    usable. ``explain_factors`` computes the churn model's top factors of listed customers whose scores carry
+    none (see ``tasks.churn.model_files.factors_on_demand``).
 
     Each customer also gets ``customer_id_pseudonym`` (the keyed HMAC of ``crm_analytics.privacy``): what the
     report shows, and what a list handed outside the CRM team can carry."""
@@ -36,7 +38,7 @@ def customer_value(order_lines: pd.DataFrame, as_of: date, options: ValueOptions
     values.insert(1, "customer_id_pseudonym",
                   pseudonymise(values[[ID]], [ID], pseudonym_key)["customer_id_pseudonym"].to_numpy())
     valued = value_at_risk(values, scores, assignments, list(risk_band_edges))
-    actions = action_list(valued, scores, recommendations, options)
+    actions = action_list(valued, scores, recommendations, options, explain_factors)
     metrics = {
         "customers_valued": len(valued),
         "fits": fits.as_dict(),

@@ -14,7 +14,9 @@ from crm_analytics.artifacts import StageResult
 from crm_analytics.parameters import RunSpec, ValueOptions
 from crm_analytics.privacy import pseudonym_key
 from crm_analytics.reporting import save_figures
+from tasks.churn.model_files import factors_on_demand
 from tasks.common import stage_logger, stage_task
+from tasks.value.actions import FactorSource
 from tasks.value.clv import ValueNotPossible
 from tasks.value.core import customer_value
 from tasks.value.report import clv_by_segment_figure, skipped_section, value_section
@@ -36,6 +38,14 @@ def _optional_frame(run: RunSpec, result: StageResult, name: str, wanted: Callab
     return run.store.read_frame(ref, columns=[c for c in pq.read_schema(ref.path).names if wanted(c)])
 
 
+def churn_factor_source(run: RunSpec, churned: StageResult) -> FactorSource | None:
+    """The churn model's top factors on demand, when the churn stage saved its model inputs instead of them."""
+    if not {"model", "model_metadata", "model_inputs"} <= set(churned.artifacts):
+        return None
+    metadata = run.store.read_json(churned.ref("model_metadata"))
+    return lambda ids: factors_on_demand(churned.ref("model").file, metadata, churned.ref("model_inputs").file, ids)
+
+
 @stage_task("value", fingerprint_extra=key_fingerprint)
 def value(run: RunSpec, cleaned: StageResult, segmented: StageResult, churned: StageResult, mined: StageResult,
           options: ValueOptions, risk_band_edges: list[float]) -> StageResult:
@@ -52,7 +62,7 @@ def value(run: RunSpec, cleaned: StageResult, segmented: StageResult, churned: S
     recommendations = _optional_frame(run, mined, "recommendations", lambda c: c in ("customer_id", "rank", "item"))
     try:
         out = customer_value(lines, run.as_of, options, pseudonym_key(run.data_root), scores, assignments,
-                             recommendations, risk_band_edges)
+                             recommendations, risk_band_edges, churn_factor_source(run, churned))
     except ValueNotPossible as exc:
         log.warning("value skipped: %s", exc)
         return StageResult(stage="value", artifacts={}, metrics={"skipped": str(exc), "fits": exc.fits},
