@@ -40,7 +40,8 @@ from crm_analytics.parameters import PipelineOptions, RunSpec  # noqa: E402
 from crm_analytics.sample_data import GeneratorConfig, generate  # noqa: E402
 from tasks.common import measured  # noqa: E402
 
-STAGES = ("ingest", "freshness", "validate", "clean", "features", "segment", "churn", "rules", "value", "forecast", "report")
+STAGES = ("ingest", "freshness", "validate", "clean", "features", "segment", "churn", "rules", "value", "forecast",
+          "report")
 
 
 def cached_export(cache: Path, customers: int) -> tuple[Path, date]:
