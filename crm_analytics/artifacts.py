@@ -109,6 +109,7 @@ def file_sha256(path: Path) -> str:
 
 
 DATASET_METADATA = "_metadata"  # the schema, row groups and row count of every part of a partitioned table
+SORT_BY_KEY = b"crm_analytics.sort_by"  # in the _metadata file's schema: the ref's ``sort_by``, as JSON
 
 
 def part_name(index: int) -> str:
@@ -306,8 +307,9 @@ class RunStore:
             return self._ref(folder, name, named, kind)
         if (metadata := self.path(folder, f"{name}.parquet") / DATASET_METADATA).exists():
             parts = sorted(p.name for p in metadata.parent.glob("part-*.parquet"))
+            sort_by = json.loads((pq.read_schema(metadata).metadata or {}).get(SORT_BY_KEY, b"null"))
             return ArtifactRef(stage=folder, name=name, path=str(metadata), kind="parquet", parts=parts,
-                               rows=pq.read_metadata(metadata).num_rows,
+                               sort_by=sort_by, rows=pq.read_metadata(metadata).num_rows,
                                schema_fingerprint=schema_fingerprint(pq.read_schema(metadata)),
                                content_hash=dataset_hash(metadata.parent, parts),
                                bytes=sum((metadata.parent / p).stat().st_size for p in parts))
@@ -544,7 +546,9 @@ class RunStore:
                 write(empty, pinned.empty_table())
             order = sorted(range(len(names)), key=names.__getitem__)  # zero-padded: name order is part order
             names = [names[i] for i in order]
-            pq.write_metadata(pinned, folder / DATASET_METADATA, metadata_collector=[collected[i][0] for i in order])
+            # The row order is also kept in the folder itself, for a reader that finds it by the layout.
+            described = pinned.with_metadata({**(pinned.metadata or {}), SORT_BY_KEY: json.dumps(sort_by)})
+            pq.write_metadata(described, folder / DATASET_METADATA, metadata_collector=[collected[i][0] for i in order])
             content_hash = dataset_hash(folder, names)
             size = sum((folder / n).stat().st_size for n in names)
         return ArtifactRef(stage=stage, name=name, path=str(target / DATASET_METADATA), kind="parquet",
