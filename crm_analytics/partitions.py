@@ -15,18 +15,24 @@ Decisions:
   ``dask_partitions`` parts, so a small export still spreads over the cluster.
 - The count is decided once, by validate's edge, from the validated line count; clean keeps its input's parts
   (part ``i`` of the clean lines holds the same customers as part ``i`` of the validated lines).
+- A stage joining a part with a per-customer table (clean with the customers, features with the signup dates)
+  joins it with the same partition of that table (``split_by_customer`` of it, with the same count), not with
+  the whole: a lookup in 1/n of the customers instead of all of them for each of the n parts. That relies on
+  the parts being these partitions, so ``checked_partitions`` verifies each part as it is read (it hashes the
+  part's distinct ids only) and stops with an error instead of reporting its lines as unknown customers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from crm_analytics.settings import get_settings
 
-__all__ = ["customer_partition", "partition_count_for", "split_by_customer"]
+__all__ = ["PartitionMismatchError", "checked_partitions", "customer_partition", "partition_count_for",
+           "split_by_customer"]
 
 
 def partition_count_for(rows: int) -> int:
@@ -59,3 +65,19 @@ def split_by_customer(frame: pd.DataFrame, partitions: int) -> Iterator[pd.DataF
     bounds = np.searchsorted(part[order], np.arange(partitions + 1))
     for i in range(partitions):
         yield frame.take(order[bounds[i]:bounds[i + 1]]).reset_index(drop=True)
+
+
+class PartitionMismatchError(ValueError):
+    """A part of a partitioned table holds a customer of another partition (it was not split by this module)."""
+
+
+def checked_partitions(parts: Iterable[pd.DataFrame], partitions: int) -> Iterator[pd.DataFrame]:
+    """``parts`` as they come, after checking that part ``i`` holds only customers of partition ``i``."""
+    for index, part in enumerate(parts):
+        ids = pd.Series(pd.unique(part["customer_id"]))
+        found = customer_partition(ids, partitions)
+        if (found != index).any():
+            stray = ids[found != index].head(3).tolist()
+            raise PartitionMismatchError(f"part {index} of {partitions} holds customers of other partitions "
+                                         f"(e.g. {stray}): the table was not split by crm_analytics.partitions")
+        yield part

@@ -28,7 +28,7 @@ from crm_analytics.distributed import executor_metrics, read_parts_on, stage_cli
 from crm_analytics.frames import exact_duplicate_rows
 from crm_analytics.mapping import load_mapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec
-from crm_analytics.partitions import partition_count_for, split_by_customer
+from crm_analytics.partitions import checked_partitions, partition_count_for, split_by_customer
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import LINEAGE_COLUMNS
 from tasks.common import stage_logger, stage_task
@@ -262,23 +262,24 @@ def clean_part(order_lines: pd.DataFrame, customers: pd.DataFrame, products: pd.
     return CleanPart(lines, counts, return_totals(lines))
 
 
-def clean_parts(parts: Iterable[pd.DataFrame], customers: pd.DataFrame, products: pd.DataFrame,
+def clean_parts(parts: Iterable[pd.DataFrame], customer_parts: Iterable[pd.DataFrame], products: pd.DataFrame,
                 tally: list[CleanPart]) -> Iterator[pd.DataFrame]:
     """The clean lines of each customer partition in ``parts``, one at a time (a writer consuming this holds one
-    part); each part's counts and return totals (without its lines) are appended to ``tally`` as it goes."""
-    for part in parts:
+    part), each joined with its partition of the clean customers (``customer_parts``, the same split); each
+    part's counts and return totals (without its lines) are appended to ``tally`` as it goes."""
+    for part, customers in zip(parts, customer_parts, strict=True):
         out = clean_part(part, customers, products)
         tally.append(CleanPart(out.order_lines.iloc[:0], out.counts, out.returns))
         yield out.order_lines
 
 
-def clean_on_cluster(client: Any, parts: list[Any], customers: pd.DataFrame, products: pd.DataFrame,
+def clean_on_cluster(client: Any, parts: list[Any], customer_parts: Iterable[pd.DataFrame], products: pd.DataFrame,
                      tally: list[CleanPart]) -> Iterator[pd.DataFrame]:
     """``clean_parts`` on a Dask cluster: ``parts`` are futures of the customer partitions (the validated
     dataset's parts, read on the workers); they are cleaned in parallel and come back one at a time, in part
     order, for the writer (no gather of the whole, no global sort)."""
-    shared_customers, shared_products = client.scatter([customers, products], broadcast=True)
-    futures = client.map(clean_part, parts, customers=shared_customers, products=shared_products)
+    shared_products = client.scatter(products, broadcast=True)
+    futures = client.map(clean_part, parts, client.scatter(list(customer_parts)), products=shared_products)
     for future in futures:
         out = future.result()
         future.release()
@@ -367,9 +368,10 @@ def clean(run: RunSpec, validated: StageResult, mapping_name: str | None = None)
     (``tasks.identity``: ``clean/customer_identity.parquet`` records every match).
 
     The order lines are cleaned one customer partition at a time (the validated dataset's parts, see
-    ``crm_analytics.partitions``), each part written as it is done, so memory holds the small tables and one
-    part; on Dask the parts are cleaned on the workers. Identity resolution needs every customer and line at
-    once: with it the lines are cleaned whole, then written in the same partitions (of the people's ids).
+    ``crm_analytics.partitions``), each with the same partition of the clean customers, and written as it is
+    done, so memory holds the small tables and one part; on Dask the parts are cleaned on the workers.
+    Identity resolution needs every customer and line at once: with it the lines are cleaned whole, then
+    written in the same partitions (of the people's ids).
     """
     store = run.store
     customers, products = (store.read_frame(validated.ref(e)) for e in ("customers", "products"))
@@ -386,11 +388,14 @@ def clean(run: RunSpec, validated: StageResult, mapping_name: str | None = None)
     else:
         dimensions = clean_dimensions(customers, products)
         tally: list[CleanPart] = []
+        count = len(lines_ref.part_files)
+        customer_parts = split_by_customer(dimensions.customers, count)
         with stage_client() as client:
             if client is None:
-                parts = clean_parts(store.read_parts(lines_ref), dimensions.customers, dimensions.products, tally)
+                parts = clean_parts(checked_partitions(store.read_parts(lines_ref), count), customer_parts,
+                                    dimensions.products, tally)
             else:
-                parts = clean_on_cluster(client, read_parts_on(client, lines_ref), dimensions.customers,
+                parts = clean_on_cluster(client, read_parts_on(client, lines_ref), customer_parts,
                                          dimensions.products, tally)
             lines = store.write_partitioned("clean", "order_lines", parts, sort_by=CLEAN_LINE_ORDER)
             ran_on = executor_metrics(client, partitions=len(lines.part_files))

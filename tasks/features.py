@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from crm_analytics.artifacts import StageResult
 from crm_analytics.distributed import executor_metrics, read_parts_on, stage_client
 from crm_analytics.parameters import RunSpec, as_of_end
+from crm_analytics.partitions import checked_partitions, split_by_customer
 from crm_analytics.reporting import markdown_table
 from tasks.common import stage_logger, stage_task
 
@@ -227,22 +228,28 @@ def gather_features(tables: list[pd.DataFrame | None], customers: pd.DataFrame, 
 
 
 def features_by_part(customers: pd.DataFrame, category_parts: Iterable[pd.DataFrame],
-                     line_parts: Iterable[pd.DataFrame], as_of: date) -> pd.DataFrame:
-    """``build_customer_features`` over customer partitions of the clean lines, one partition at a time.
+                     line_parts: Iterable[pd.DataFrame], as_of: date, partitions: int = 1) -> pd.DataFrame:
+    """``build_customer_features`` over the ``partitions`` customer partitions of the clean lines
+    (``crm_analytics.partitions``), one partition at a time.
 
     Every feature is one customer's (a customer's lines are all in one partition, in the order the whole
     table has them, so every per-customer sum adds the same numbers in the same order), except two global
     steps: the top categories, fixed first from the partitions' purchase value per category added up
     (``category_parts``: the parts with at least the columns of ``purchase_value_by_category``), and the RFM
     scores (percentile ranks among all customers), recomputed over the gathered table. ``line_parts`` are
-    the same parts with every column; both are iterated once, lazily.
+    the same parts with every column, each looked up in the same partition of the customers' signup dates;
+    both are iterated once, lazily.
     """
     top = top_categories_of(purchase_value_by_category(part, as_of) for part in category_parts)
-    signup = customers[["customer_id", "signup_date"]].drop_duplicates("customer_id")
+    signup_parts = split_by_customer(_signup(customers), partitions)
     tables, part = [], pd.DataFrame(columns=LINE_COLUMNS)
-    for part in line_parts:
+    for part, signup in zip(line_parts, signup_parts, strict=True):
         tables.append(_features_part(part, signup, as_of, top))
     return gather_features(tables, customers, part.iloc[:0], as_of)
+
+
+def _signup(customers: pd.DataFrame) -> pd.DataFrame:
+    return customers[["customer_id", "signup_date"]].drop_duplicates("customer_id")
 
 
 def features_on_cluster(client: Any, customers: pd.DataFrame, parts: list[Any], as_of: date) -> pd.DataFrame:
@@ -250,8 +257,8 @@ def features_on_cluster(client: Any, customers: pd.DataFrame, parts: list[Any], 
     lines (read on the workers); the partitions run in parallel, the two global steps here once."""
     values = client.gather(client.map(purchase_value_by_category, parts, as_of=as_of))
     top = top_categories_of(values)
-    shared = client.scatter(customers[["customer_id", "signup_date"]].drop_duplicates("customer_id"), broadcast=True)
-    tables = client.gather(client.map(_features_part, parts, customers=shared, as_of=as_of, top_categories=top))
+    signup_parts = client.scatter(list(split_by_customer(_signup(customers), len(parts))))
+    tables = client.gather(client.map(_features_part, parts, signup_parts, as_of=as_of, top_categories=top))
     return gather_features(tables, customers, client.gather(parts[0]).iloc[:0], as_of)
 
 
@@ -278,8 +285,9 @@ def features(run: RunSpec, cleaned: StageResult) -> StageResult:
     lines = cleaned.ref("order_lines")
     with stage_client() as client:
         if client is None:
+            count = len(lines.part_files)
             table = features_by_part(customers, store.read_parts(lines, columns=CATEGORY_VALUE_COLUMNS),
-                                     store.read_parts(lines), run.as_of)
+                                     checked_partitions(store.read_parts(lines), count), run.as_of, count)
         else:
             table = features_on_cluster(client, customers, read_parts_on(client, lines), run.as_of)
         ran_on = executor_metrics(client, partitions=len(lines.part_files))

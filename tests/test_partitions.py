@@ -11,7 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from crm_analytics.artifacts import RunStore, StageResult, is_intact
-from crm_analytics.partitions import customer_partition, split_by_customer
+from crm_analytics.partitions import (
+    PartitionMismatchError,
+    checked_partitions,
+    customer_partition,
+    split_by_customer,
+)
 from tasks.clean import (
     CLEAN_LINE_ORDER,
     CleanPart,
@@ -90,8 +95,8 @@ def _write_clean_by_part(store: RunStore, customers, products, lines, partitions
     dimensions = clean_dimensions(customers, products)
     tally: list[CleanPart] = []
     ref = store.write_partitioned("clean", "order_lines", clean_parts(
-        split_by_customer(lines, partitions), dimensions.customers, dimensions.products, tally),
-        sort_by=CLEAN_LINE_ORDER)
+        checked_partitions(split_by_customer(lines, partitions), partitions),
+        split_by_customer(dimensions.customers, partitions), dimensions.products, tally), sort_by=CLEAN_LINE_ORDER)
     return ref, clean_stats(dimensions.stats, *line_counts_of(tally))
 
 
@@ -133,7 +138,7 @@ def test_features_by_partition_equal_the_single_frame_build(tmp_path, frames, pa
     ref, _ = _write_clean_by_part(store, customers, products, lines, partitions)
     expected = build_customer_features(whole.customers, whole.order_lines, AS_OF)
     actual = features_by_part(whole.customers, store.read_parts(ref, columns=CATEGORY_VALUE_COLUMNS),
-                              store.read_parts(ref), AS_OF)
+                              store.read_parts(ref), AS_OF, partitions)
     assert len(expected) > 3
     pd.testing.assert_frame_equal(actual, expected, check_exact=True)
 
@@ -145,7 +150,7 @@ def test_features_by_partition_with_no_purchase_is_the_empty_table(tmp_path):
     ref, _ = _write_clean_by_part(store, customers, products, lines[lines["quantity"] < 0], 3)
     expected = build_customer_features(whole.customers, whole.order_lines, AS_OF)
     actual = features_by_part(whole.customers, store.read_parts(ref, columns=CATEGORY_VALUE_COLUMNS),
-                              store.read_parts(ref), AS_OF)
+                              store.read_parts(ref), AS_OF, 3)
     assert actual.empty and list(actual.columns) == list(expected.columns)
 
 
@@ -228,3 +233,63 @@ def test_the_customer_hash_is_stable_and_keeps_a_customer_in_one_part():
     assert (customer_partition(ids.astype("string"), 4) == parts).all()  # the same for Arrow-backed strings
     # Pinned values: the partitions of stored artifacts must not move between versions or processes.
     assert customer_partition(pd.Series(["c1", "c2", "zz", "C000123"]), 7).tolist() == [2, 0, 2, 4]
+
+
+def test_a_part_holding_another_partitions_customers_is_refused():
+    customers, products, lines = _frames()
+    parts = list(split_by_customer(lines, 3))
+    with pytest.raises(PartitionMismatchError, match="part 0 of 3"):
+        list(checked_partitions([parts[1], parts[0], parts[2]], 3))
+    assert sum(len(p) for p in checked_partitions(parts, 3)) == len(lines)
+
+
+# ---- the stage edges: validate writes the parts, clean and features process them ----------------------------
+def _stages_through_features(root, monkeypatch, lines_per_partition: int) -> dict[str, StageResult]:
+    from crm_analytics.parameters import PipelineOptions, RunSpec
+    from crm_analytics.settings import get_settings
+    from tasks.clean import clean
+    from tasks.features import features
+    from tasks.ingest import ingest
+    from tasks.validate import validate
+
+    monkeypatch.setenv("CRM_LINES_PER_PARTITION", str(lines_per_partition))
+    monkeypatch.setenv("CRM_PSEUDONYM_KEY", "partitions-equality-test")
+    get_settings.cache_clear()
+    try:
+        options = PipelineOptions(data_root=str(root))
+        run = RunSpec(data_root=root, as_of=EDGE_AS_OF)
+        validated = validate.fn(run, ingest.fn(run, options.mapping, None), options.validation, options.mapping)
+        cleaned = clean.fn(run, validated)
+        return {"validate": validated, "clean": cleaned, "features": features.fn(run, cleaned)}
+    finally:
+        monkeypatch.delenv("CRM_LINES_PER_PARTITION")
+        get_settings.cache_clear()
+
+
+EDGE_AS_OF = date(2025, 12, 31)
+
+
+def test_the_stage_edges_give_the_same_tables_and_metrics_in_one_part_or_many(tmp_path, monkeypatch):
+    from crm_analytics.sample_data import GeneratorConfig, generate
+
+    export = tmp_path / "export"
+    generate(GeneratorConfig(customers=400, seed=21), export)
+    results = {}
+    for parts in (1, 700):  # one part, and ~6 parts of ~700 lines
+        root = tmp_path / f"lines-{parts}"
+        root.mkdir()
+        (root / "landing").symlink_to(export / "landing")
+        results[parts] = _stages_through_features(root, monkeypatch, 10**9 if parts == 1 else parts)
+    whole, split = results[1], results[700]
+    assert len(whole["validate"].ref("order_lines").parts) == 1
+    assert len(split["validate"].ref("order_lines").parts) > 3
+    assert len(split["clean"].ref("order_lines").parts) == len(split["validate"].ref("order_lines").parts)
+    for stage, name in (("clean", "order_lines"), ("clean", "customers"), ("features", "customer_features")):
+        expected = RunStore.read_frame(whole[stage].ref(name))
+        assert len(expected) > 100
+        pd.testing.assert_frame_equal(RunStore.read_frame(split[stage].ref(name)), expected, check_exact=True,
+                                      obj=f"{stage}/{name}")
+    strip = ("timing", "executor")
+    assert ({k: v for k, v in split["clean"].metrics.items() if k not in strip}
+            == {k: v for k, v in whole["clean"].metrics.items() if k not in strip})
+    assert split["clean"].metrics["executor"] == {"kind": "local"}
