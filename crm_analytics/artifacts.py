@@ -155,7 +155,12 @@ def atomic_folder(target: Path) -> Iterator[Path]:
         trash = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
         if target.exists():  # a rerun's folder, or a single file of the same name from the older layout
             os.rename(target, trash)
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if trash.exists():
+                os.rename(trash, target)  # put the previous whole table back
+            raise
         if trash.is_dir():
             shutil.rmtree(trash)
         else:
@@ -525,7 +530,7 @@ class RunStore:
 
             for index, frame in enumerate(parts):
                 table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-                first_inferred = first_inferred or table.schema
+                first_inferred = table.schema if first_inferred is None else first_inferred
                 if pinned is None and schema is None and table.num_rows == 0:
                     waiting.append(index)  # written below, once a non-empty part shows the columns' types
                     continue
