@@ -586,25 +586,34 @@ class RunStore:
 
     # ---- reads --------------------------------------------------------------------------------------
     @staticmethod
-    def read_frame(ref: ArtifactRef, columns: list[str] | None = None, filters: Any = None) -> pd.DataFrame:
+    def read_frame(ref: ArtifactRef, columns: list[str] | None = None, filters: Any = None,
+                   ordered: bool = True) -> pd.DataFrame:
         """A table (or its ``columns``, and the rows passing pyarrow ``filters``) as one frame.
 
         A partitioned table reads as the single file it replaces: its parts concatenated, then stably sorted by
         its ``sort_by`` columns (an Arrow sort, which compares strings only among equal timestamps). Rows equal
         in every ``sort_by`` column keep their order within a customer; rows of two customers that tie on all
         of them (the same order id, time and product for two customers) may come in another order than the
-        single frame had. Without ``sort_by``, the parts come one after another, each in its own order.
+        single frame had. Without ``sort_by`` (or with ``ordered=False``, for a reader that does not depend on
+        the row order), the parts come one after another, each in its own order: restoring the order costs a
+        sort and a gather (at 9.3M lines, ~2 s CPU and ~0.5 GB more than reading one file).
         """
         if ref.kind != "parquet":
             raise ValueError(f"artifact {ref.stage}/{ref.name} is {ref.kind}, not a table")
         if ref.parts is None:
             return pq.read_table(ref.file, columns=columns, filters=filters).to_pandas()
-        keys = ref.sort_by if ref.sort_by and len(ref.parts) > 1 else []
+        keys = ref.sort_by if ordered and ref.sort_by and len(ref.parts) > 1 else []
         wanted = None if columns is None else list(dict.fromkeys([*columns, *keys]))
         table = pa.concat_tables([pq.read_table(path, columns=wanted, filters=filters) for path in ref.part_files])
         if keys:
-            table = table.take(pc.sort_indices(table, sort_keys=[(key, "ascending") for key in keys]))
-        if columns is not None:
+            order = pc.sort_indices(table.select(keys), sort_keys=[(key, "ascending") for key in keys])
+            table = table.select(columns) if columns is not None else table
+            schema, ordered_columns = table.schema, []
+            for name in schema.names:  # column by column, each released once taken: peak one column over the table
+                ordered_columns.append(table.column(name).take(order))
+                table = table.drop_columns([name])
+            table = pa.Table.from_arrays(ordered_columns, schema=schema)
+        elif columns is not None:
             table = table.select(columns)
         return table.to_pandas()
 

@@ -175,6 +175,10 @@ def test_a_partitioned_table_reads_back_as_the_single_file(tmp_path):
                                   single.loc[single["customer_id"] == "c3", ["amount"]].reset_index(drop=True))
     pd.testing.assert_frame_equal(pd.read_parquet(ref.file.parent).sort_values("amount", ignore_index=True),
                                   single.sort_values("amount", ignore_index=True))
+    unordered = store.read_frame(ref, ordered=False)  # part after part, each in the table's order
+    pd.testing.assert_frame_equal(unordered, pd.concat(list(store.read_parts(ref)), ignore_index=True))
+    pd.testing.assert_frame_equal(unordered.sort_values("amount", ignore_index=True),
+                                  single.sort_values("amount", ignore_index=True))
     with pytest.raises(OSError):  # the schema file holds no rows: reading it as a table fails loudly
         pd.read_parquet(ref.path)
 
