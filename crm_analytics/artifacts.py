@@ -506,8 +506,8 @@ class RunStore:
             stage, name, target, "parquet", rows=table.num_rows, schema_fingerprint=schema_fingerprint(table.schema)
         )
 
-    def write_partitioned(self, stage: str, name: str, parts: Iterable[pd.DataFrame], schema: pa.Schema | None = None,
-                          sort_by: list[str] | None = None) -> ArtifactRef:
+    def write_partitioned(self, stage: str, name: str, parts: Iterable[pd.DataFrame | pa.Table],
+                          schema: pa.Schema | None = None, sort_by: list[str] | None = None) -> ArtifactRef:
         """Write a table as a folder of parts, each written as ``parts`` yields it (the caller holds one part at a
         time); the folder appears whole or not at all (``atomic_folder``).
 
@@ -529,7 +529,10 @@ class RunStore:
                 collected[-1][0].set_file_path(names[-1])
 
             for index, frame in enumerate(parts):
-                table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+                if isinstance(frame, pa.Table):
+                    table = frame if schema is None else frame.cast(schema)
+                else:
+                    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
                 first_inferred = table.schema if first_inferred is None else first_inferred
                 if pinned is None and schema is None and table.num_rows == 0:
                     waiting.append(index)  # written below, once a non-empty part shows the columns' types

@@ -26,7 +26,7 @@ from crm_analytics.artifacts import StageResult
 from crm_analytics.frames import lines_covered
 from crm_analytics.mapping import SourceMapping, load_mapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec, ValidationOptions
-from crm_analytics.partitions import partition_count_for, split_by_customer
+from crm_analytics.partitions import partition_count_for, split_table_by_customer
 from crm_analytics.privacy import ALWAYS_PERSONAL, pseudonym_key, pseudonymise
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON
@@ -372,7 +372,7 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
     artifacts = {}
     for entity, outcome in publishable_outcomes(outcomes, mapping, pseudonym_key(run.data_root)).items():
         artifacts[entity] = (store.write_frame("validated", entity, outcome.valid) if entity != "order_lines" else
-                             store.write_partitioned("validated", entity, split_by_customer(
+                             store.write_partitioned("validated", entity, split_table_by_customer(
                                  outcome.valid, partition_count_for(len(outcome.valid)))))
         artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity, outcome.quarantine)
         log.info("validated %s: %d valid, %d quarantined", entity, len(outcome.valid), len(outcome.quarantine))

@@ -297,3 +297,13 @@ def test_the_stage_edges_give_the_same_tables_and_metrics_in_one_part_or_many(tm
     assert ({k: v for k, v in split["clean"].metrics.items() if k not in strip}
             == {k: v for k, v in whole["clean"].metrics.items() if k not in strip})
     assert split["clean"].metrics["executor"] == {"kind": "local"}
+
+
+def test_the_arrow_split_writes_the_same_parts_as_the_pandas_split(tmp_path):
+    from crm_analytics.partitions import split_table_by_customer
+
+    customers, products, lines = _random_lines()
+    store = RunStore(tmp_path, AS_OF)
+    by_frames = store.write_partitioned("validated", "a", split_by_customer(lines, 4))
+    by_tables = store.write_partitioned("validated", "b", split_table_by_customer(lines, 4))
+    assert by_tables.content_hash == by_frames.content_hash and by_tables.rows == len(lines)
