@@ -2,8 +2,10 @@
 
 Layout: ``<data_root>/runs/as_of=YYYY-MM-DD/<stage>/<name>.<ext>`` with ``_manifest.json`` written last.
 Every write goes to a hidden temporary file in the same folder and is renamed into place, so a reader never
-sees a half-written artifact. Stages exchange :class:`ArtifactRef` objects (path, rows, schema fingerprint,
-content hash), never DataFrames: Prefect results stay tiny and cache keys are exact.
+sees a half-written artifact. A partitioned table (``write_partitioned``: the order lines, split by customer)
+is a folder ``<stage>/<name>.parquet/`` of ``part-NNNNN.parquet`` files and a ``_metadata`` file, written in a
+hidden temporary folder and renamed into place whole. Stages exchange :class:`ArtifactRef` objects (path,
+rows, schema fingerprint, content hash), never DataFrames: Prefect results stay tiny and cache keys are exact.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import subprocess
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -28,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
@@ -52,10 +55,30 @@ class ArtifactRef(BaseModel):
     schema_fingerprint: str | None = None
     content_hash: str
     bytes: int
+    # A partitioned table: its part files (relative to the dataset folder), in part order; ``path`` is then the
+    # folder's ``_metadata`` file, which ``pq.read_schema``/``pq.read_metadata`` read as the whole table's
+    # schema and row count (reading rows from it fails loudly: use ``RunStore.read_frame``).
+    parts: list[str] | None = None
+    # The row order of the table as one frame (``RunStore.read_frame`` restores it over the parts).
+    sort_by: list[str] | None = None
 
     @property
     def file(self) -> Path:
         return Path(self.path)
+
+    @property
+    def part_files(self) -> list[Path]:
+        """The files holding the rows, in order: the parts of a partitioned table, else the file itself."""
+        return [self.file.parent / part for part in self.parts] if self.parts is not None else [self.file]
+
+    def manifest_entry(self, relative_path: str) -> dict[str, Any]:
+        """What the manifest records of this artifact (``RunStore.artifact`` rebuilds the ref from it)."""
+        entry = {"path": relative_path, "kind": self.kind, "rows": self.rows,
+                 "schema_fingerprint": self.schema_fingerprint, "content_hash": self.content_hash,
+                 "bytes": self.bytes}
+        if self.parts is not None:
+            entry.update(parts=self.parts, sort_by=self.sort_by)
+        return entry
 
 
 class StageResult(BaseModel):
@@ -85,10 +108,66 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+DATASET_METADATA = "_metadata"  # the schema, row groups and row count of every part of a partitioned table
+SORT_BY_KEY = b"crm_analytics.sort_by"  # in the _metadata file's schema: the ref's ``sort_by``, as JSON
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def dataset_hash(folder: Path, parts: list[str]) -> str:
+    """The content hash of a partitioned table: of every part's name and hash, in part order (deterministic:
+    the same rows in the same parts give the same hash)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(f"{part}\t{file_sha256(folder / part)}\n".encode())
+    return digest.hexdigest()
+
+
+def is_intact(ref: ArtifactRef) -> bool:
+    """Whether an artifact's files are still on disk with the size and content hash recorded."""
+    files = ref.part_files
+    if not ref.file.exists() or not all(f.exists() for f in files) or sum(f.stat().st_size for f in files) != ref.bytes:
+        return False
+    content = dataset_hash(ref.file.parent, ref.parts) if ref.parts is not None else file_sha256(ref.file)
+    return content == ref.content_hash
+
+
 def schema_fingerprint(schema: pa.Schema) -> str:
     """A short hash of column names and types (not metadata), to spot schema drift between runs."""
     text = ";".join(f"{field.name}:{field.type}" for field in schema)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; put it in ``target``'s place only if the block succeeds.
+
+    A folder cannot be renamed onto a non-empty one: an old ``target`` (a rerun's) is first renamed to a hidden
+    trash name, so readers see the old whole folder, briefly nothing, then the new whole folder; never a part.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        trash = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+        if target.exists():  # a rerun's folder, or a single file of the same name from the older layout
+            os.rename(target, trash)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if trash.exists():
+                os.rename(trash, target)  # put the previous whole table back
+            raise
+        if trash.is_dir():
+            shutil.rmtree(trash)
+        else:
+            trash.unlink(missing_ok=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 @contextmanager
@@ -226,11 +305,20 @@ class RunStore:
         if recorded is not None:
             return ArtifactRef(stage=folder, name=name, path=str(self.run_dir / recorded["path"]),
                                **{k: recorded[k] for k in ("kind", "rows", "schema_fingerprint", "content_hash",
-                                                           "bytes")})
+                                                           "bytes")},
+                               parts=recorded.get("parts"), sort_by=recorded.get("sort_by"))
         if filename is not None and (named := self.path(folder, filename)).exists():
             kind = {".parquet": "parquet", ".json": "json", ".skops": "model"}.get(named.suffix, named.suffix[1:])
             return self._ref(folder, name, named, kind)
-        if (table := self.path(folder, f"{name}.parquet")).exists():
+        if (metadata := self.path(folder, f"{name}.parquet") / DATASET_METADATA).exists():
+            parts = sorted(p.name for p in metadata.parent.glob("part-*.parquet"))
+            sort_by = json.loads((pq.read_schema(metadata).metadata or {}).get(SORT_BY_KEY, b"null"))
+            return ArtifactRef(stage=folder, name=name, path=str(metadata), kind="parquet", parts=parts,
+                               sort_by=sort_by, rows=pq.read_metadata(metadata).num_rows,
+                               schema_fingerprint=schema_fingerprint(pq.read_schema(metadata)),
+                               content_hash=dataset_hash(metadata.parent, parts),
+                               bytes=sum((metadata.parent / p).stat().st_size for p in parts))
+        if (table := self.path(folder, f"{name}.parquet")).is_file():
             schema = pq.read_schema(table)
             return self._ref(folder, name, table, "parquet", rows=pq.read_metadata(table).num_rows,
                              schema_fingerprint=schema_fingerprint(schema))
@@ -257,9 +345,7 @@ class RunStore:
         if record.get("key") != key:
             return None
         result = StageResult.model_validate(record["result"])
-        intact = all(ref.file.exists() and ref.file.stat().st_size == ref.bytes
-                     and file_sha256(ref.file) == ref.content_hash for ref in result.artifacts.values())
-        return result if intact else None
+        return result if all(is_intact(ref) for ref in result.artifacts.values()) else None
 
     @property
     def lock_path(self) -> Path:
@@ -420,6 +506,63 @@ class RunStore:
             stage, name, target, "parquet", rows=table.num_rows, schema_fingerprint=schema_fingerprint(table.schema)
         )
 
+    def write_partitioned(self, stage: str, name: str, parts: Iterable[pd.DataFrame | pa.Table],
+                          schema: pa.Schema | None = None, sort_by: list[str] | None = None) -> ArtifactRef:
+        """Write a table as a folder of parts, each written as ``parts`` yields it (the caller holds one part at a
+        time); the folder appears whole or not at all (``atomic_folder``).
+
+        Every part gets one schema: ``schema`` if given, else the first non-empty part's (an empty pandas part
+        cannot show its column types; it is written with that schema once known). ``sort_by`` names the row
+        order the table has as one frame: each part must already be in it, and ``read_frame`` restores it
+        over the parts. Empty parts are written too, so part ``i`` is always hash partition ``i``.
+        """
+        target = self.path(stage, f"{name}.parquet")
+        names, collected, waiting, rows = [], [], [], 0
+        pinned: pa.Schema | None = None  # the schema (with its pandas metadata) every part is written with
+        first_inferred: pa.Schema | None = None
+        with atomic_folder(target) as folder:
+
+            def write(index: int, table: pa.Table) -> None:
+                names.append(part_name(index))
+                collected.append([])
+                pq.write_table(table, folder / names[-1], compression="zstd", metadata_collector=collected[-1])
+                collected[-1][0].set_file_path(names[-1])
+
+            for index, frame in enumerate(parts):
+                if isinstance(frame, pa.Table):
+                    table = frame if schema is None else frame.cast(schema)
+                else:
+                    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+                first_inferred = table.schema if first_inferred is None else first_inferred
+                if pinned is None and schema is None and table.num_rows == 0:
+                    waiting.append(index)  # written below, once a non-empty part shows the columns' types
+                    continue
+                if pinned is None:
+                    pinned = table.schema
+                elif not table.schema.equals(pinned, check_metadata=False):
+                    table = table.cast(pinned)  # null-typed columns of an empty part; anything else raises
+                table = table.replace_schema_metadata(pinned.metadata)
+                for empty in waiting:
+                    write(empty, pinned.empty_table())
+                waiting = []
+                write(index, table)
+                rows += table.num_rows
+            if first_inferred is None:
+                raise ValueError(f"{stage}/{name}: a partitioned table needs at least one part")
+            pinned = pinned or first_inferred  # every part was empty: their inferred types are all there is
+            for empty in waiting:
+                write(empty, pinned.empty_table())
+            order = sorted(range(len(names)), key=names.__getitem__)  # zero-padded: name order is part order
+            names = [names[i] for i in order]
+            # The row order is also kept in the folder itself, for a reader that finds it by the layout.
+            described = pinned.with_metadata({**(pinned.metadata or {}), SORT_BY_KEY: json.dumps(sort_by)})
+            pq.write_metadata(described, folder / DATASET_METADATA, metadata_collector=[collected[i][0] for i in order])
+            content_hash = dataset_hash(folder, names)
+            size = sum((folder / n).stat().st_size for n in names)
+        return ArtifactRef(stage=stage, name=name, path=str(target / DATASET_METADATA), kind="parquet",
+                           rows=rows, schema_fingerprint=schema_fingerprint(pinned), content_hash=content_hash,
+                           bytes=size, parts=names, sort_by=sort_by)
+
     def write_json(self, stage: str, name: str, payload: Any) -> ArtifactRef:
         target = self.path(stage, f"{name}.json")
         with atomic_path(target) as tmp:
@@ -446,10 +589,44 @@ class RunStore:
 
     # ---- reads --------------------------------------------------------------------------------------
     @staticmethod
-    def read_frame(ref: ArtifactRef, columns: list[str] | None = None) -> pd.DataFrame:
+    def read_frame(ref: ArtifactRef, columns: list[str] | None = None, filters: Any = None,
+                   ordered: bool = True) -> pd.DataFrame:
+        """A table (or its ``columns``, and the rows passing pyarrow ``filters``) as one frame.
+
+        A partitioned table reads as the single file it replaces: its parts concatenated, then stably sorted by
+        its ``sort_by`` columns (an Arrow sort, which compares strings only among equal timestamps). Rows equal
+        in every ``sort_by`` column keep their order within a customer; rows of two customers that tie on all
+        of them (the same order id, time and product for two customers) may come in another order than the
+        single frame had. Without ``sort_by`` (or with ``ordered=False``, for a reader that does not depend on
+        the row order), the parts come one after another, each in its own order: restoring the order costs a
+        sort and a gather (at 9.3M lines, ~2 s CPU and ~0.5 GB more than reading one file).
+        """
         if ref.kind != "parquet":
             raise ValueError(f"artifact {ref.stage}/{ref.name} is {ref.kind}, not a table")
-        return pq.read_table(ref.file, columns=columns).to_pandas()
+        if ref.parts is None:
+            return pq.read_table(ref.file, columns=columns, filters=filters).to_pandas()
+        keys = ref.sort_by if ordered and ref.sort_by and len(ref.parts) > 1 else []
+        wanted = None if columns is None else list(dict.fromkeys([*columns, *keys]))
+        table = pa.concat_tables([pq.read_table(path, columns=wanted, filters=filters) for path in ref.part_files])
+        if keys:
+            order = pc.sort_indices(table.select(keys), sort_keys=[(key, "ascending") for key in keys])
+            table = table.select(columns) if columns is not None else table
+            schema, ordered_columns = table.schema, []
+            for name in schema.names:  # column by column, each released once taken: peak one column over the table
+                ordered_columns.append(table.column(name).take(order))
+                table = table.drop_columns([name])
+            table = pa.Table.from_arrays(ordered_columns, schema=schema)
+        elif columns is not None:
+            table = table.select(columns)
+        return table.to_pandas()
+
+    @staticmethod
+    def read_parts(ref: ArtifactRef, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+        """A table part by part (a file not partitioned is one part): how a stage holds one part at a time."""
+        if ref.kind != "parquet":
+            raise ValueError(f"artifact {ref.stage}/{ref.name} is {ref.kind}, not a table")
+        for path in ref.part_files:
+            yield pq.read_table(path, columns=columns).to_pandas()
 
     @staticmethod
     def read_json(ref: ArtifactRef) -> Any:

@@ -55,7 +55,7 @@ def rows(store: RunStore, folder: str, name: str, column: str, value: str,
     if column not in present:
         return None
     wanted = None if columns is None else [c for c in dict.fromkeys([column, *columns]) if c in present]
-    return pq.read_table(ref.path, columns=wanted, filters=[(column, "==", value)]).to_pandas()
+    return RunStore.read_frame(ref, columns=wanted, filters=[(column, "==", value)])
 
 
 def resolve(store: RunStore, given: str) -> tuple[str, str | None]:

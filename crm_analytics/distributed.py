@@ -3,8 +3,9 @@
 One setting decides (``CRM_EXECUTOR``, see ``crm_analytics.settings``); the stages do not fork. On a cluster:
 
 - a backfill runs each date as a task on a Dask worker, through prefect-dask's ``DaskTaskRunner``;
-- ingest, clean and features split their rows into partitions and call their usual pure pandas core on each
-  partition on the workers, then do their global steps (if any) once over the gathered result.
+- ingest splits its files into partitions; clean and features map their usual pure pandas core over the
+  customer partitions of the order lines (the parts of the partitioned artifacts, ``crm_analytics.partitions``,
+  the same parts the local path processes one at a time), then do their global steps once.
 
 Stages ask :func:`stage_client` for a client. Inside a Dask worker (a backfill date runs there) it is a
 ``worker_client``, which hands the worker's slot back while it waits, so a date's partitions can run on the
@@ -222,7 +223,10 @@ def by_customer(path: str | Path, partitions: int, client: Client) -> list[Any]:
     """The rows of one Parquet artifact split by a hash of ``customer_id`` into ``partitions`` futures of pandas
     frames (every line of a customer in one partition, each partition in the file's row order).
 
-    Read with ``dask.dataframe.from_map`` one row group per input partition, shuffled on ``customer_id``.
+    Read with ``dask.dataframe.from_map`` one row group per input partition, shuffled on ``customer_id`` (Dask's
+    own hash). The stages no longer shuffle: the order lines are stored already split by customer
+    (``crm_analytics.partitions``) and ``read_parts_on`` maps over those parts; this remains for a single-file
+    table (``benchmarks/bench_dask.py`` measures it).
     """
     import dask
     import dask.dataframe as dd
@@ -245,6 +249,17 @@ def by_customer(path: str | Path, partitions: int, client: Client) -> list[Any]:
     return client.map(_in_file_order, parts, dtypes=empty.dtypes, pure=False)
 
 
+def _read_part(path: str) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas()
+
+
+def read_parts_on(client: Client, ref: Any) -> list[Any]:
+    """Futures of the parts of a partitioned table (an ``ArtifactRef``), each read on a worker: the customer
+    partitions the stages work on (``crm_analytics.partitions``), without a shuffle. The workers must see the
+    run folder at the same path (one machine, or a shared file system)."""
+    return client.map(_read_part, [str(path) for path in ref.part_files], pure=False)
+
+
 def close_shared_clients() -> None:
     """Close this process's shared clients (and the LocalClusters they started); the next stage reconnects."""
     with _shared_lock:
@@ -256,8 +271,8 @@ def close_shared_clients() -> None:
         _shared.clear()
 
 
-def executor_metrics(client: Client | None) -> dict[str, Any]:
-    """How a stage ran, for its metrics in the manifest."""
+def executor_metrics(client: Client | None, partitions: int | None = None) -> dict[str, Any]:
+    """How a stage ran, for its metrics in the manifest (``partitions``: how many it used, if not the default)."""
     if client is None:
         if in_dask_worker():
             from distributed import get_worker
@@ -265,7 +280,7 @@ def executor_metrics(client: Client | None) -> dict[str, Any]:
             return {"kind": "local", "dask_worker": get_worker().address}
         return {"kind": "local"}
     return {"kind": "dask", "scheduler": client.scheduler.address, "workers": len(client.nthreads()),
-            "partitions": partition_count(client)}
+            "partitions": partitions or partition_count(client)}
 
 
 def cluster_threads(runner: Any) -> int:

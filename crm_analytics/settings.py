@@ -39,7 +39,12 @@ class Settings(BaseSettings):
     )
     dask_workers: int = Field(2, ge=1, le=64, description="Worker processes of a LocalCluster started here.")
     dask_partitions: int | None = Field(
-        None, ge=1, description="Partitions of clean and features on Dask; empty: one per worker thread.",
+        None, ge=1, description="Customer partitions of the order lines when the executor is dask (at least this "
+        "many; see lines_per_partition); empty: as many as the size asks for.",
+    )
+    lines_per_partition: int = Field(
+        1_000_000, ge=1, description="Order lines per customer partition of the validated and clean order lines: "
+        "clean and features hold one partition at a time, so this bounds their memory.",
     )
 
     @property

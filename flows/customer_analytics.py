@@ -72,10 +72,7 @@ def build_manifest(store: RunStore, options: PipelineOptions, started_at: str,
         "reconciliation": reconciliation(by_stage["ingest"].metrics, by_stage["validate"].metrics),
         "stages": {r.stage: r.metrics for r in results},
         "artifacts": {
-            f"{ref.stage}/{name}": {
-                "path": store.relative(ref), "kind": ref.kind, "rows": ref.rows,
-                "schema_fingerprint": ref.schema_fingerprint, "content_hash": ref.content_hash, "bytes": ref.bytes,
-            }
+            f"{ref.stage}/{name}": ref.manifest_entry(store.relative(ref))
             for r in results for name, ref in r.artifacts.items()
         },
     }

@@ -15,25 +15,27 @@ customer's earlier purchases of the same product:
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.distributed import executor_metrics, stage_client
+from crm_analytics.distributed import executor_metrics, read_parts_on, stage_client
 from crm_analytics.frames import exact_duplicate_rows
 from crm_analytics.mapping import load_mapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec
+from crm_analytics.partitions import checked_partitions, partition_count_for, split_by_customer
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import LINEAGE_COLUMNS
 from tasks.common import stage_logger, stage_task
 from tasks.identity import identity_section, resolve_identity
 
+# The clean order lines' row order (each partition is in it; reading the whole table restores it over them).
+CLEAN_LINE_ORDER = ["order_ts", "order_id", "product_id"]
 LINE_KEY_COLUMNS = ["order_id", "customer_id", "order_ts", "product_id", "quantity", "unit_price"]
 # Customer attributes copied onto every order line (when the customers table has them and the lines do not).
 CUSTOMER_COLUMNS_ON_LINES = ["country"]
@@ -221,12 +223,13 @@ def clean_order_lines(order_lines: pd.DataFrame, customers: pd.DataFrame,
 
 def sort_clean_lines(lines: pd.DataFrame) -> pd.DataFrame:
     """The clean order lines' row order: by time, order and product (stable)."""
-    return lines.sort_values(["order_ts", "order_id", "product_id"], kind="stable", ignore_index=True)
+    return lines.sort_values(CLEAN_LINE_ORDER, kind="stable", ignore_index=True)
 
 
-def clean_stats(dimensions: Stats, line_counts: dict[str, int], lines: pd.DataFrame) -> Stats:
-    """The stage's counts per entity; checks that every row in is either out or counted as dropped."""
-    stats = {**dimensions, "order_lines": {**line_counts, **return_stats(lines)}}
+def clean_stats(dimensions: Stats, line_counts: dict[str, int], returns: dict[str, float | int]) -> Stats:
+    """The stage's counts per entity (``returns``: ``return_stats`` of the clean lines); checks that every row
+    in is either out or counted as dropped."""
+    stats = {**dimensions, "order_lines": {**line_counts, **returns}}
     for entity, counts in stats.items():
         dropped = sum(v for k, v in counts.items() if k.endswith("_dropped"))
         if counts["rows_in"] != counts["rows_out"] + dropped:
@@ -239,58 +242,100 @@ def clean_and_merge(customers: pd.DataFrame, products: pd.DataFrame, order_lines
     """Deduplicate, normalise, net returns and join; ``stats`` reconciles every dropped row per entity."""
     dimensions = clean_dimensions(customers, products)
     lines, counts = clean_order_lines(order_lines, dimensions.customers, dimensions.products)
-    return CleanOutput(dimensions.customers, dimensions.products, lines, clean_stats(dimensions.stats, counts, lines))
-
-
-def _clean_part(order_lines: pd.DataFrame, customers: pd.DataFrame,
-                products: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]] | None:
-    return clean_order_lines(order_lines, customers, products) if len(order_lines) else None
-
-
-def clean_partitioned(client: Any, customers: pd.DataFrame, products: pd.DataFrame,
-                      order_lines: str | Path) -> CleanOutput:
-    """``clean_and_merge`` on a Dask cluster, with the order lines (a Parquet file) split by customer.
-
-    Global steps, done once here: the dimension tables are cleaned whole (``clean_dimensions``) and sent to every
-    partition; after ``clean_order_lines`` ran on each partition, the lines are concatenated and sorted into the
-    local order, and the return rates (ratios, which do not add up over partitions) are computed over all of
-    them. Lines that tie on time, order and product across two customers may come out in another order.
-    """
-    from crm_analytics.distributed import by_customer, partition_count
-
-    dimensions = clean_dimensions(customers, products)
-    parts = by_customer(order_lines, partition_count(client), client)
-    shared_customers, shared_products = client.scatter([dimensions.customers, dimensions.products], broadcast=True)
-    results = [r for r in client.gather(client.map(_clean_part, parts, customers=shared_customers,
-                                                   products=shared_products)) if r is not None]
-    if not results:  # no order lines at all: the local core says what that means
-        return clean_and_merge(customers, products, pq.read_table(order_lines).to_pandas())
-    # Empty parts are left out of the concatenation: their columns' dtypes are not the data's and would widen them.
-    kept = [part for part, _ in results if len(part)] or [results[0][0]]
-    lines = sort_clean_lines(pd.concat(kept, ignore_index=True))
-    counts = {key: sum(c[key] for _, c in results) for key in results[0][1]}
     return CleanOutput(dimensions.customers, dimensions.products, lines,
-                       clean_stats(dimensions.stats, counts, lines))
+                       clean_stats(dimensions.stats, counts, return_stats(lines)))
 
 
-def return_stats(lines: pd.DataFrame) -> dict[str, float | int]:
-    """Return lines, how many were netted against earlier purchases, and the return rate by value and lines."""
+# ---- by customer partition: the same result, one partition of the lines in memory at a time -----------------
+class CleanPart(NamedTuple):
+    """One customer partition's clean lines, its drop counts and its return totals (all of them add up)."""
+
+    order_lines: pd.DataFrame
+    counts: dict[str, int]
+    returns: dict[str, float | int]
+
+
+def clean_part(order_lines: pd.DataFrame, customers: pd.DataFrame, products: pd.DataFrame) -> CleanPart:
+    """``clean_order_lines`` on one customer partition of the lines, with the clean ``customers`` and
+    ``products`` (``clean_dimensions``, done once over the whole tables)."""
+    lines, counts = clean_order_lines(order_lines, customers, products)
+    return CleanPart(lines, counts, return_totals(lines))
+
+
+def clean_parts(parts: Iterable[pd.DataFrame], customer_parts: Iterable[pd.DataFrame], products: pd.DataFrame,
+                tally: list[CleanPart]) -> Iterator[pd.DataFrame]:
+    """The clean lines of each customer partition in ``parts``, one at a time (a writer consuming this holds one
+    part), each joined with its partition of the clean customers (``customer_parts``, the same split); each
+    part's counts and return totals (without its lines) are appended to ``tally`` as it goes."""
+    for part, customers in zip(parts, customer_parts, strict=True):
+        out = clean_part(part, customers, products)
+        tally.append(CleanPart(out.order_lines.iloc[:0], out.counts, out.returns))
+        yield out.order_lines
+
+
+def clean_on_cluster(client: Any, parts: list[Any], customer_parts: Iterable[pd.DataFrame], products: pd.DataFrame,
+                     tally: list[CleanPart]) -> Iterator[pd.DataFrame]:
+    """``clean_parts`` on a Dask cluster: ``parts`` are futures of the customer partitions (the validated
+    dataset's parts, read on the workers); they are cleaned in parallel and come back one at a time, in part
+    order, for the writer (no gather of the whole, no global sort)."""
+    shared_products = client.scatter(products, broadcast=True)
+    futures = client.map(clean_part, parts, client.scatter(list(customer_parts)), products=shared_products)
+    for future in futures:
+        out = future.result()
+        future.release()
+        tally.append(CleanPart(out.order_lines.iloc[:0], out.counts, out.returns))
+        yield out.order_lines
+
+
+def line_counts_of(tally: list[CleanPart]) -> tuple[dict[str, int], dict[str, float | int]]:
+    """The drop counts and ``return_stats`` of all partitions together, from each partition's ``CleanPart``.
+
+    Counts add up exactly; the two return rates are ratios of totals that add up. Sums of money are added
+    partition by partition, so they may differ from the single frame's sum in the last binary digit (the
+    stats are rounded to 6 and 2 decimals).
+    """
+    counts = {key: sum(part.counts[key] for part in tally) for key in tally[0].counts}
+    totals = {key: sum(part.returns[key] for part in tally) for key in tally[0].returns}
+    return counts, return_stats_of(totals)
+
+
+def return_totals(lines: pd.DataFrame) -> dict[str, float | int]:
+    """What ``return_stats`` is made of: counts and sums, which add up over any split of the lines."""
     is_return = lines["is_return"].to_numpy(dtype=bool)
     price = lines["unit_price"].to_numpy(dtype=np.float64)
     netted = lines["netted_quantity"].to_numpy(dtype=np.int64)
     unmatched = lines["unmatched_return"].to_numpy(dtype=bool)
-    purchased = float(lines["line_amount"].to_numpy()[~is_return].sum())
     not_netted = -lines["quantity"].to_numpy(dtype=np.int64) - netted
-    returned_lines = lines["returned_quantity"].to_numpy()[~is_return] > 0
     return {
         "purchase_lines": int((~is_return).sum()),
         "return_lines": int(is_return.sum()),
         "unmatched_return_lines": int(unmatched.sum()),
         "returned_units_netted": int(netted[is_return].sum()),
-        "return_rate_by_value": round(float((netted * price)[is_return].sum()) / purchased, 6) if purchased else 0.0,
-        "return_rate_by_lines": round(float(returned_lines.mean()), 6) if len(returned_lines) else 0.0,
-        "unmatched_return_value": round(float((not_netted * price)[unmatched].sum()), 2),
+        "purchased_value": float(lines["line_amount"].to_numpy()[~is_return].sum()),
+        "netted_value": float((netted * price)[is_return].sum()),
+        "returned_purchase_lines": int((lines["returned_quantity"].to_numpy()[~is_return] > 0).sum()),
+        "unmatched_value": float((not_netted * price)[unmatched].sum()),
     }
+
+
+def return_stats_of(totals: dict[str, float | int]) -> dict[str, float | int]:
+    """Return lines, how many were netted against earlier purchases, and the return rate by value and lines."""
+    purchased, purchase_lines = totals["purchased_value"], totals["purchase_lines"]
+    return {
+        "purchase_lines": purchase_lines,
+        "return_lines": totals["return_lines"],
+        "unmatched_return_lines": totals["unmatched_return_lines"],
+        "returned_units_netted": totals["returned_units_netted"],
+        "return_rate_by_value": round(totals["netted_value"] / purchased, 6) if purchased else 0.0,
+        "return_rate_by_lines": (round(totals["returned_purchase_lines"] / purchase_lines, 6)
+                                 if purchase_lines else 0.0),
+        "unmatched_return_value": round(totals["unmatched_value"], 2),
+    }
+
+
+def return_stats(lines: pd.DataFrame) -> dict[str, float | int]:
+    """Return lines, how many were netted against earlier purchases, and the return rate by value and lines."""
+    return return_stats_of(return_totals(lines))
 
 
 def cleaning_section(stats: Stats) -> str:
@@ -320,29 +365,48 @@ def _clean_fingerprint(run: RunSpec, validated: StageResult, mapping_name: str |
 @stage_task("clean", fingerprint_extra=_clean_fingerprint)
 def clean(run: RunSpec, validated: StageResult, mapping_name: str | None = None) -> StageResult:
     """Clean and merge the validated entities; with an ``identity`` in the mapping, on people first
-    (``tasks.identity``: ``clean/customer_identity.parquet`` records every match)."""
+    (``tasks.identity``: ``clean/customer_identity.parquet`` records every match).
+
+    The order lines are cleaned one customer partition at a time (the validated dataset's parts, see
+    ``crm_analytics.partitions``), each with the same partition of the clean customers, and written as it is
+    done, so memory holds the small tables and one part; on Dask the parts are cleaned on the workers.
+    Identity resolution needs every customer and line at once: with it the lines are cleaned whole, then
+    written in the same partitions (of the people's ids).
+    """
     store = run.store
     customers, products = (store.read_frame(validated.ref(e)) for e in ("customers", "products"))
+    lines_ref = validated.ref("order_lines")
     spec = load_mapping(mapping_name).source("customers").identity if mapping_name else None
     people = None
     if spec is not None:  # identity needs every customer and line at once: it runs here, not on a cluster
-        people = resolve_identity(customers, store.read_frame(validated.ref("order_lines")), spec)
-        customers = people.customers
-    with stage_client() as client:
-        if people is not None:
-            out = clean_and_merge(customers, products, people.order_lines)
-        elif client is None:
-            out = clean_and_merge(customers, products, store.read_frame(validated.ref("order_lines")))
-        else:
-            out = clean_partitioned(client, customers, products, validated.ref("order_lines").file)
-        ran_on = executor_metrics(client)
-    stage_logger().info("cleaned: %s", out.stats["order_lines"])
+        people = resolve_identity(customers, store.read_frame(lines_ref), spec)
+        out = clean_and_merge(people.customers, products, people.order_lines)
+        dimensions = CleanDimensions(out.customers, out.products, out.stats)
+        lines = store.write_partitioned("clean", "order_lines", split_by_customer(
+            out.order_lines, partition_count_for(len(out.order_lines))), sort_by=CLEAN_LINE_ORDER)
+        stats, ran_on = out.stats, executor_metrics(None)
+    else:
+        dimensions = clean_dimensions(customers, products)
+        tally: list[CleanPart] = []
+        count = len(lines_ref.part_files)
+        customer_parts = split_by_customer(dimensions.customers, count)
+        with stage_client() as client:
+            if client is None:
+                parts = clean_parts(checked_partitions(store.read_parts(lines_ref), count), customer_parts,
+                                    dimensions.products, tally)
+            else:
+                parts = clean_on_cluster(client, read_parts_on(client, lines_ref), customer_parts,
+                                         dimensions.products, tally)
+            lines = store.write_partitioned("clean", "order_lines", parts, sort_by=CLEAN_LINE_ORDER)
+            ran_on = executor_metrics(client, partitions=len(lines.part_files))
+        stats = clean_stats(dimensions.stats, *line_counts_of(tally))
+    stage_logger().info("cleaned: %s", stats["order_lines"])
     artifacts = {
-        "customers": store.write_frame("clean", "customers", out.customers),
-        "products": store.write_frame("clean", "products", out.products),
-        "order_lines": store.write_frame("clean", "order_lines", out.order_lines),
+        "customers": store.write_frame("clean", "customers", dimensions.customers),
+        "products": store.write_frame("clean", "products", dimensions.products),
+        "order_lines": lines,
     }
-    metrics, section = {**out.stats, "executor": ran_on}, cleaning_section(out.stats)
+    metrics, section = {**stats, "executor": ran_on}, cleaning_section(stats)
     if people is not None:
         artifacts["customer_identity"] = store.write_frame("clean", "customer_identity", people.crosswalk)
         metrics["identity"] = people.stats

@@ -8,19 +8,19 @@ group-by on integer codes; no per-customer Python.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import date
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from crm_analytics.artifacts import StageResult
-from crm_analytics.distributed import executor_metrics, stage_client
+from crm_analytics.distributed import executor_metrics, read_parts_on, stage_client
 from crm_analytics.parameters import RunSpec, as_of_end
+from crm_analytics.partitions import checked_partitions, split_by_customer
 from crm_analytics.reporting import markdown_table
 from tasks.common import stage_logger, stage_task
 
@@ -30,6 +30,8 @@ RFM_BINS = 5
 PRICE_FLOOR = 0.01  # free items and price adjustments would send log(price) to -inf
 DAY_US = 86_400 * 1_000_000
 LINE_COLUMNS = ["customer_id", "order_id", "order_ts", "unit_price", "is_return", "line_amount", "category"]
+# What ``purchase_value_by_category`` reads: the first pass over the partitions reads only these.
+CATEGORY_VALUE_COLUMNS = ["customer_id", "order_ts", "is_return", "line_amount", "category"]
 
 
 
@@ -210,25 +212,54 @@ def _features_part(order_lines: pd.DataFrame, customers: pd.DataFrame, as_of: da
     return build_customer_features(customers, order_lines, as_of, top_categories) if len(order_lines) else None
 
 
-def features_partitioned(client: Any, customers: pd.DataFrame, order_lines: str | Path, as_of: date) -> pd.DataFrame:
-    """``build_customer_features`` on a Dask cluster, with the order lines (a Parquet file) split by customer.
+def top_categories_of(values: Iterable[pd.Series]) -> list[str]:
+    """``top_of`` the purchase value per category added up over the parts' ``purchase_value_by_category``."""
+    values = [value for value in values if len(value)]
+    return top_of(pd.concat(values).groupby(level=0).sum()) if values else []
 
-    Every feature is one customer's, except two global steps done here once: the top categories (from the
-    partitions' purchase value per category, added up) are fixed before the partitions run, and the RFM scores
-    (percentile ranks among all customers) are recomputed over the concatenated table.
+
+def gather_features(tables: list[pd.DataFrame | None], customers: pd.DataFrame, empty_lines: pd.DataFrame,
+                    as_of: date) -> pd.DataFrame:
+    """The partitions' feature tables as one, in customer id order, with the RFM scores ranked among all."""
+    tables = [table for table in tables if table is not None and len(table)]
+    if not tables:  # nobody bought: the core builds the empty table
+        return build_customer_features(customers, empty_lines, as_of)
+    return with_rfm_scores(pd.concat(tables, ignore_index=True).sort_values("customer_id", ignore_index=True))
+
+
+def features_by_part(customers: pd.DataFrame, category_parts: Iterable[pd.DataFrame],
+                     line_parts: Iterable[pd.DataFrame], as_of: date, partitions: int = 1) -> pd.DataFrame:
+    """``build_customer_features`` over the ``partitions`` customer partitions of the clean lines
+    (``crm_analytics.partitions``), one partition at a time.
+
+    Every feature is one customer's (a customer's lines are all in one partition, in the order the whole
+    table has them, so every per-customer sum adds the same numbers in the same order), except two global
+    steps: the top categories, fixed first from the partitions' purchase value per category added up
+    (``category_parts``: the parts with at least the columns of ``purchase_value_by_category``), and the RFM
+    scores (percentile ranks among all customers), recomputed over the gathered table. ``line_parts`` are
+    the same parts with every column, each looked up in the same partition of the customers' signup dates;
+    both are iterated once, lazily.
     """
-    from crm_analytics.distributed import by_customer, partition_count
+    top = top_categories_of(purchase_value_by_category(part, as_of) for part in category_parts)
+    signup_parts = split_by_customer(_signup(customers), partitions)
+    tables, part = [], pd.DataFrame(columns=LINE_COLUMNS)
+    for part, signup in zip(line_parts, signup_parts, strict=True):
+        tables.append(_features_part(part, signup, as_of, top))
+    return gather_features(tables, customers, part.iloc[:0], as_of)
 
-    parts = by_customer(order_lines, partition_count(client), client)
+
+def _signup(customers: pd.DataFrame) -> pd.DataFrame:
+    return customers[["customer_id", "signup_date"]].drop_duplicates("customer_id")
+
+
+def features_on_cluster(client: Any, customers: pd.DataFrame, parts: list[Any], as_of: date) -> pd.DataFrame:
+    """``features_by_part`` on a Dask cluster: ``parts`` are futures of the customer partitions of the clean
+    lines (read on the workers); the partitions run in parallel, the two global steps here once."""
     values = client.gather(client.map(purchase_value_by_category, parts, as_of=as_of))
-    top = top_of(pd.concat(values).groupby(level=0).sum())
-    shared = client.scatter(customers[["customer_id", "signup_date"]], broadcast=True)
-    tables = [t for t in client.gather(client.map(_features_part, parts, customers=shared, as_of=as_of,
-                                                  top_categories=top)) if t is not None and len(t)]
-    if not tables:  # nobody bought: the local core builds the empty table
-        return build_customer_features(customers, pq.read_table(order_lines).to_pandas(), as_of)
-    table = pd.concat(tables, ignore_index=True).sort_values("customer_id", ignore_index=True)
-    return with_rfm_scores(table)
+    top = top_categories_of(values)
+    signup_parts = client.scatter(list(split_by_customer(_signup(customers), len(parts))))
+    tables = client.gather(client.map(_features_part, parts, signup_parts, as_of=as_of, top_categories=top))
+    return gather_features(tables, customers, client.gather(parts[0]).iloc[:0], as_of)
 
 
 def features_section(table: pd.DataFrame) -> str:
@@ -247,14 +278,19 @@ def features_section(table: pd.DataFrame) -> str:
 
 @stage_task("features")
 def features(run: RunSpec, cleaned: StageResult) -> StageResult:
+    """Customer features from the clean order lines, one customer partition at a time (on Dask, on the
+    workers); see ``features_by_part``."""
     store = run.store
     customers = store.read_frame(cleaned.ref("customers"))
+    lines = cleaned.ref("order_lines")
     with stage_client() as client:
         if client is None:
-            table = build_customer_features(customers, store.read_frame(cleaned.ref("order_lines")), run.as_of)
+            count = len(lines.part_files)
+            table = features_by_part(customers, store.read_parts(lines, columns=CATEGORY_VALUE_COLUMNS),
+                                     checked_partitions(store.read_parts(lines), count), run.as_of, count)
         else:
-            table = features_partitioned(client, customers, cleaned.ref("order_lines").file, run.as_of)
-        ran_on = executor_metrics(client)
+            table = features_on_cluster(client, customers, read_parts_on(client, lines), run.as_of)
+        ran_on = executor_metrics(client, partitions=len(lines.part_files))
     stage_logger().info("features for %d customers", len(table))
     ref = store.write_frame("features", "customer_features", table)
     return StageResult(stage="features", artifacts={"customer_features": ref},

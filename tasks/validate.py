@@ -26,6 +26,7 @@ from crm_analytics.artifacts import StageResult
 from crm_analytics.frames import lines_covered
 from crm_analytics.mapping import SourceMapping, load_mapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec, ValidationOptions
+from crm_analytics.partitions import partition_count_for, split_table_by_customer
 from crm_analytics.privacy import ALWAYS_PERSONAL, pseudonym_key, pseudonymise
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON
@@ -360,7 +361,8 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
     """Validate every ingested entity (:func:`validate_all`), write the rows pseudonymised, then apply the gate.
 
     Personal columns are pseudonymised in everything this stage writes (validated and quarantined rows);
-    the raw values stay in ``raw/`` only.
+    the raw values stay in ``raw/`` only. The valid order lines are written split by customer
+    (``crm_analytics.partitions``), so that clean and features can hold one part at a time.
     """
     log = stage_logger()
     store = run.store
@@ -369,7 +371,9 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
     outcomes = validate_all(frames, mapping, run.as_of, options)
     artifacts = {}
     for entity, outcome in publishable_outcomes(outcomes, mapping, pseudonym_key(run.data_root)).items():
-        artifacts[entity] = store.write_frame("validated", entity, outcome.valid)
+        artifacts[entity] = (store.write_frame("validated", entity, outcome.valid) if entity != "order_lines" else
+                             store.write_partitioned("validated", entity, split_table_by_customer(
+                                 outcome.valid, partition_count_for(len(outcome.valid)))))
         artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity, outcome.quarantine)
         log.info("validated %s: %d valid, %d quarantined", entity, len(outcome.valid), len(outcome.quarantine))
     metrics = validation_metrics(outcomes, mapping, options)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from crm_analytics.artifacts import RunStore
 from crm_analytics.parameters import PipelineOptions, RunSpec
 from crm_analytics.sample_data import GeneratorConfig, generate
 from crm_analytics.settings import get_settings
@@ -88,8 +89,8 @@ def test_partitioned_stages_write_the_local_artifacts(export, tmp_path, monkeypa
                 continue
             other = theirs.artifacts[name]
             key = KEYS.get(f"{stage}/{name}") or KEYS.get("raw" if stage == "ingest" else stage)
-            expected = pd.read_parquet(ref.file).sort_values(key, ignore_index=True)
-            actual = pd.read_parquet(other.file).sort_values(key, ignore_index=True)
+            expected = RunStore.read_frame(ref).sort_values(key, ignore_index=True)
+            actual = RunStore.read_frame(other).sort_values(key, ignore_index=True)
             assert len(expected) > 0, f"{stage}/{name} is empty: the comparison would prove nothing"
             pd.testing.assert_frame_equal(actual, expected, check_exact=False, rtol=1e-9,
                                           obj=f"{stage}/{name}")
