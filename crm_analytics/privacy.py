@@ -96,11 +96,21 @@ def pseudonymise(frame: pd.DataFrame, columns: list[str], key: bytes) -> pd.Data
         return frame
     out = frame.copy()
     for column in present:
-        values = out.pop(column)
-        distinct = values.dropna().unique()
-        digests = dict(zip(distinct, keyed_digests(key, (str(v) for v in distinct)), strict=True))
-        out[column + PSEUDONYM_SUFFIX] = values.map(digests).astype("string")
+        out[column + PSEUDONYM_SUFFIX] = _pseudonyms(out.pop(column), key)
     return out
+
+
+def _pseudonyms(values: pd.Series, key: bytes) -> pd.Series:
+    """The keyed digest of each value, computed once per distinct value (a ``string`` Series, nulls null)."""
+    if isinstance(values.dtype, pd.StringDtype):
+        # Text: each value's distinct-value code (Arrow's hash, nulls -1) picks its digest, where a dict lookup
+        # per row cost more than the digests at a million customers. The same values as the general path below.
+        codes, distinct = pd.factorize(values)
+        digests = np.array([*keyed_digests(key, [str(v) for v in distinct]), None], dtype=object)
+        return pd.Series(digests[codes], index=values.index).astype("string")
+    distinct = values.dropna().unique()
+    digests = dict(zip(distinct, keyed_digests(key, (str(v) for v in distinct)), strict=True))
+    return values.map(digests).astype("string")
 
 
 def looks_like_email(value: str) -> bool:
