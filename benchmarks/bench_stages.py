@@ -48,12 +48,13 @@ def copy_runs(source: Path, work: Path, dates: list[date]) -> None:
 
 
 # ---- the worker: one version's stage edges in one process ---------------------------------------------------
-def worker(root: Path, as_of: date, landing: str, stages: list[str], profile: Path | None) -> dict:
+def worker(root: Path, as_of: date, landing: str, stages: list[str], profile: Path | None,
+           same_code_last_night: bool = True) -> dict:
     os.environ["CRM_PSEUDONYM_KEY"] = PSEUDONYM_KEY
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     import great_expectations  # noqa: F401  # imported before the timings, as bench_nightly.py does
 
-    from crm_analytics.artifacts import RunStore, StageResult
+    from crm_analytics.artifacts import RunStore, StageResult, code_version
     from crm_analytics.parameters import PipelineOptions, RunSpec
     from tasks.common import measured, release_arrow_memory
     from tasks.forecast import forecast
@@ -71,6 +72,15 @@ def worker(root: Path, as_of: date, landing: str, stages: list[str], profile: Pa
     options = PipelineOptions(data_root=str(root), landing_dir=landing)
     run = RunSpec(data_root=root, as_of=as_of)
     store = RunStore(root, as_of)
+
+    # As in production, last night ran the same code as tonight: day N's manifest carries this checkout's code
+    # version (ingest reuses day N's counts only then; day N's counts come from the source run's code, whose
+    # duplicate definition, crm_analytics.frames, is the same in both versions compared here).
+    previous = RunStore(root, as_of - timedelta(days=1))
+    if previous.is_complete() and same_code_last_night:
+        manifest = previous.read_manifest()
+        manifest["code_version"] = code_version()
+        previous.manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
     def recorded(stage: str) -> StageResult:
         return StageResult.model_validate(json.loads(store.stage_record_path(stage).read_text())["result"])
@@ -119,11 +129,13 @@ def worker(root: Path, as_of: date, landing: str, stages: list[str], profile: Pa
 
 
 def run_version(checkout: Path, source: Path, work: Path, as_of: date, stages: list[str],
-                profile: Path | None) -> dict:
+                profile: Path | None, other_code_last_night: bool = False) -> dict:
     copy_runs(source, work, [as_of - timedelta(days=1), as_of])
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--root", str(work),
                "--as-of", as_of.isoformat(), "--landing", str(source / "landing"), "--stages", ",".join(stages)]
+    if other_code_last_night:
+        command.append("--other-code-last-night")
     if profile:
         command += ["--profile", str(profile)]
     done = subprocess.run(command, cwd=checkout, env=env, stdout=subprocess.PIPE, text=True, check=True)
@@ -154,13 +166,16 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="folder for cProfile stats of this checkout's stages")
     parser.add_argument("--io-ceiling", action="store_true", help="also time pyarrow's bare read + write")
     parser.add_argument("--out", type=Path, help="JSON of the results")
+    parser.add_argument("--other-code-last-night", action="store_true",
+                        help="keep day N's recorded code version (by default it is set to the measured checkout's)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--landing", help=argparse.SUPPRESS)
     args = parser.parse_args()
     stages = args.stages.split(",")
     if args.worker:
-        print(json.dumps(worker(args.root, args.as_of, args.landing, stages, args.profile)))
+        print(json.dumps(worker(args.root, args.as_of, args.landing, stages, args.profile,
+                                not args.other_code_last_night)))
         return
     as_of = args.as_of or max(date.fromisoformat(p.parent.name.removeprefix("as_of="))
                               for p in (args.source / "runs").glob("as_of=*/_manifest.json"))
@@ -169,9 +184,11 @@ def main() -> None:
     versions = {}
     if args.base:
         print(f"base {args.base} ({commit_of(args.base)})", file=sys.stderr)
-        versions["base"] = run_version(args.base, args.source, args.work / "base", as_of, stages, None)
+        versions["base"] = run_version(args.base, args.source, args.work / "base", as_of, stages, None,
+                                       args.other_code_last_night)
     print(f"this {HERE} ({commit_of(HERE)})", file=sys.stderr)
-    versions["this"] = run_version(HERE, args.source, args.work / "this", as_of, stages, args.profile)
+    versions["this"] = run_version(HERE, args.source, args.work / "this", as_of, stages, args.profile,
+                                   args.other_code_last_night)
     load.append(round(os.getloadavg()[0], 2))
     print(f"\nstages of tonight ({as_of}) from {args.source}; {started}; load {load[0]} -> {load[1]}; "
           f"base {commit_of(args.base) if args.base else '-'}, this {commit_of(HERE)}")

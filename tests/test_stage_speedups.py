@@ -146,3 +146,55 @@ def test_row_failures_without_copies_equal_the_old_copying_path():
     masks, _ = row_failures(copies, suite, {}, cross_check_rows=0)
     assert masks["k repeats"].tolist() == [False, False, True, True]
     assert masks["v negative"].tolist() == [False, False, True, False]
+
+
+def test_duplicates_counted_after_a_known_prefix_equal_a_full_count_at_every_split():
+    """Copies within the first rows, of a first row by a later one, among the later rows, with missing values
+    (equal to each other) and -0.0 (equal to 0.0), in a numeric and a text key column."""
+    from crm_analytics.frames import exact_duplicate_rows
+    from tasks.ingest.stage import duplicate_count
+
+    frame = pd.DataFrame({
+        "ts": pd.array([1, 2, 2, 3, None, 1, 2, None, 4, 3, 3], dtype="Int64"),
+        "price": [1.0, 0.0, -0.0, np.nan, 5.0, 1.0, 0.0, 5.0, 4.0, np.nan, np.nan],
+        "text": ["a", "b", "b", None, "e", "a", "b", "e", "d", None, "x"],
+        "_source_line": range(11),  # lineage differs between copies
+    })
+    columns = ["ts", "price", "text"]
+    full = int(exact_duplicate_rows(frame, columns).sum())
+    assert full == 5  # rows 2 (of 1), 5 (of 0), 6 (of 1), 7 (of 4), 9 (of 3)
+    for rows in range(len(frame) + 1):
+        known = int(exact_duplicate_rows(frame.iloc[:rows], columns).sum())
+        assert duplicate_count(frame, columns, (rows, known)) == full, rows
+        assert duplicate_count(frame, ["text", "price"], (rows, int(exact_duplicate_rows(
+            frame.iloc[:rows], ["text", "price"]).sum()))) == int(exact_duplicate_rows(frame, ["text", "price"]).sum())
+    assert duplicate_count(frame, columns) == full
+
+
+def test_an_incremental_ingest_counts_the_same_metrics_as_a_full_one(sample_root, tmp_path):
+    import shutil
+
+    from crm_analytics.mapping import load_mapping
+    from tasks.ingest import History, ingest_all, ingest_metrics
+    from tasks.ingest.stage import known_prefix
+
+    shutil.copytree(sample_root / "landing", tmp_path / "landing")
+    mapping = load_mapping("sample")
+    yesterday, yesterday_sources = ingest_all(mapping, tmp_path, date(2025, 12, 30))
+    old = yesterday["order_lines"]
+    # Tonight's new file repeats one of yesterday's lines and one of its own: both count as copies.
+    tonight_file = tmp_path / "landing" / "order_lines" / "2025-12-31.csv"
+    lines = tonight_file.read_text().splitlines()
+    first_old = old.iloc[0]
+    old_file = tmp_path / "landing" / first_old["_source_file"]
+    copy_of_old = old_file.read_text().splitlines()[first_old["_source_line"] - 1]
+    tonight_file.write_text("\n".join([*lines, copy_of_old, lines[1]]) + "\n")
+    counted = int(ingest_metrics(old, "order_lines", mapping.source("order_lines"))["exact_duplicate_rows"])
+    history = {"order_lines": History(old, yesterday_sources["order_lines"]["files"], None, counted)}
+    tonight, sources = ingest_all(mapping, tmp_path, date(2025, 12, 31), history=history)
+    assert sources["order_lines"]["mode"] == "incremental"
+    prefix = known_prefix(history["order_lines"], sources["order_lines"]["mode"])
+    assert prefix == (len(old), counted)
+    incremental = ingest_metrics(tonight["order_lines"], "order_lines", mapping.source("order_lines"), prefix)
+    full = ingest_metrics(tonight["order_lines"], "order_lines", mapping.source("order_lines"))
+    assert incremental == full and full["exact_duplicate_rows"] >= counted + 2
