@@ -198,3 +198,17 @@ def test_an_incremental_ingest_counts_the_same_metrics_as_a_full_one(sample_root
     incremental = ingest_metrics(tonight["order_lines"], "order_lines", mapping.source("order_lines"), prefix)
     full = ingest_metrics(tonight["order_lines"], "order_lines", mapping.source("order_lines"))
     assert incremental == full and full["exact_duplicate_rows"] >= counted + 2
+
+
+def test_last_nights_duplicate_count_is_used_only_when_it_ran_the_same_code(tmp_path):
+    import json
+
+    from crm_analytics.artifacts import RunStore, code_version
+    from tasks.ingest.history import recorded_duplicates
+
+    store = RunStore(tmp_path, date(2025, 12, 30))
+    store.run_dir.mkdir(parents=True)
+    inputs = {"entities": {"order_lines": {"rows": 10, "exact_duplicate_rows": 2}, "products": {"rows": 3}}}
+    for version, expected in ((code_version(), {"order_lines": (10, 2)}), ("0.0.1+other", {})):
+        store.manifest_path.write_text(json.dumps({"code_version": version, "inputs": inputs}))
+        assert recorded_duplicates(store) == (expected if not version.endswith("+unknown") else {})
