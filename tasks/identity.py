@@ -22,15 +22,13 @@ Semantics (``identity`` on the customers entity of the mapping):
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from crm_analytics.mapping import SOURCE_NAME, EntitySource, IdentitySpec
-from crm_analytics.privacy import PSEUDONYM_SUFFIX
+from crm_analytics.privacy import PSEUDONYM_SUFFIX, keyed_digests
 
 __all__ = ["MATCH_PREFIX", "IdentityOutput", "identity_section", "match_columns", "normalised_keys", "resolve_identity",
            "resolve_people", "with_match_keys"]
@@ -82,7 +80,7 @@ def with_match_keys(customers: pd.DataFrame, source: EntitySource, key: bytes) -
         normal = normalised_keys(out[column], spec.keys[column], spec.phone_country_code)
         distinct = normal.dropna().unique()
         kind = spec.keys[column]
-        digests = {v: hmac.new(key, f"{kind}:{v}".encode(), hashlib.sha256).hexdigest()[:32] for v in distinct}
+        digests = dict(zip(distinct, keyed_digests(key, (f"{kind}:{v}" for v in distinct)), strict=True))
         out[target] = normal.map(digests).astype("string")
     return out
 

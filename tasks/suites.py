@@ -361,7 +361,8 @@ def row_failures(frame: pd.DataFrame, suite: dict[str, Any], parameters: dict[st
     data_columns = [c for c in frame.columns if not c.startswith("_")]
     if any(e["type"] in UNIQUENESS_EXPECTATIONS for e in suite["expectations"]):
         representative = first_copies(frame, data_columns)  # exact: a hash collision merges no rows
-        checked = frame[representative == np.arange(len(frame))]
+        first = representative == np.arange(len(frame))
+        checked = frame if first.all() else frame[first]  # no copies (the usual case): no copy of the frame
     else:
         representative = frame.index.to_numpy()
         checked = frame

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import pandas as pd
 import pyarrow.parquet as pq
 
+from crm_analytics.artifacts import RunStore, code_version
 from crm_analytics.mapping import SourceMapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec
 from crm_analytics.schema import SOURCE_LINES
@@ -20,6 +21,9 @@ class History(NamedTuple):
     frame: pd.DataFrame
     files: dict[str, list[int]]  # path -> [size, mtime_ns]
     lookups: dict | None = None  # the lookup tables' files and rows whose lookup failed (see tasks.ingest.lookups)
+    # The earlier run's count of exact duplicate rows in ``frame``, when that run's code is tonight's (so its count
+    # means tonight's definition): tonight then compares only the new rows (``tasks.ingest.stage``).
+    exact_duplicate_rows: int | None = None
 
 
 def file_states(paths: list[Path]) -> dict[str, list[int]]:
@@ -58,11 +62,28 @@ def load_history(run: RunSpec, mapping: SourceMapping, mapping_name: str,
     if recorded.get("mapping") != mapping_fingerprint(mapping_name) or recorded.get("landing") != landing:
         return {}
     history = {}
+    counted = recorded_duplicates(previous)
     for entity, source in mapping.entities.items():
         raw = previous.artifact("raw", entity)
         read = recorded.get("entities", {}).get(entity, {})
         files = read.get("files")
         # Rows of a run before ``_source_lines`` existed cannot stand in for a read: read their files again.
         if source.daily and files and raw is not None and SOURCE_LINES in pq.read_schema(raw.file).names:
-            history[entity] = History(previous.read_frame(raw), files, read.get("lookups"))
+            frame = previous.read_frame(raw)
+            rows, duplicates = counted.get(entity, (None, None))
+            history[entity] = History(frame, files, read.get("lookups"), duplicates if rows == len(frame) else None)
     return history
+
+
+def recorded_duplicates(previous: RunStore) -> dict[str, tuple[int, int]]:
+    """Per entity, the rows and exact duplicate rows the earlier run's ingest counted, if its code version is
+    tonight's (a known commit): only then is its count what tonight's code would count on the same rows."""
+    manifest = previous.read_manifest()
+    version = code_version()
+    if manifest.get("code_version") != version or version.endswith("+unknown"):
+        return {}
+    counted = {}
+    for entity, metrics in (manifest.get("inputs") or {}).get("entities", {}).items():
+        if isinstance(metrics.get("rows"), int) and isinstance(metrics.get("exact_duplicate_rows"), int):
+            counted[entity] = (metrics["rows"], metrics["exact_duplicate_rows"])
+    return counted

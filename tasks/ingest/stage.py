@@ -208,8 +208,43 @@ def lookup_record(frame: pd.DataFrame, source: EntitySource, tables: list[Lookup
             "problem_rows": lookup_problem_rows(frame, source), "tables": per_table}
 
 
-def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource) -> dict[str, object]:
-    """Counts a person checks against the export's known facts (rows, duplicates, keys, cancellations)."""
+def duplicate_count(frame: pd.DataFrame, columns: list[str], known_prefix: tuple[int, int] | None = None) -> int:
+    """``exact_duplicate_rows(frame, columns).sum()``. ``known_prefix`` = (rows, duplicates among them) of the
+    frame's first rows (last night's rows, counted then): only the rows after them are compared, with the
+    earlier rows that could equal them, which gives the same count without hashing last night's rows again."""
+    if known_prefix is None or not 0 <= known_prefix[0] <= len(frame) or not columns:
+        return int(exact_duplicate_rows(frame, columns).sum())
+    rows, known = known_prefix
+    return known + appended_duplicates(frame, columns, rows)
+
+
+def appended_duplicates(frame: pd.DataFrame, columns: list[str], rows: int) -> int:
+    """How many of the rows after the first ``rows`` equal an earlier row of ``frame`` in ``columns``.
+
+    A row equal to another is equal in every column, so only the first rows that share a value of one column
+    (a non-text one: cheap to look up) with a later row can be its copies: the count is exact over those
+    candidates followed by the later rows, in their order. Equality is ``exact_duplicate_rows``': missing equals
+    missing, -0.0 equals 0.0 (hence the + 0.0 before the lookup).
+    """
+    later = frame.iloc[rows:]
+    if later.empty:
+        return 0
+    key = next((c for c in columns if not (pd.api.types.is_string_dtype(frame[c]) or frame[c].dtype == object)),
+               columns[0])
+    values = frame[key] + 0.0 if pd.api.types.is_float_dtype(frame[key]) else frame[key]
+    earlier, wanted = values.iloc[:rows], values.iloc[rows:]
+    candidate = earlier.isin(wanted.dropna().unique()).to_numpy(dtype=bool)
+    if wanted.isna().any():
+        candidate = candidate | earlier.isna().to_numpy()
+    subset = pd.concat([frame.iloc[:rows][candidate], later], ignore_index=True)
+    return int(exact_duplicate_rows(subset, columns)[int(candidate.sum()):].sum())
+
+
+def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource,
+                   known_prefix: tuple[int, int] | None = None) -> dict[str, object]:
+    """Counts a person checks against the export's known facts (rows, duplicates, keys, cancellations).
+
+    ``known_prefix``: see ``duplicate_count`` (an incremental read's rows from last night, and their count)."""
     data_columns = [c for c in frame.columns if not c.startswith("_")]
     files = frame[SOURCE_FILE].unique().tolist()
     metrics: dict[str, object] = {
@@ -218,7 +253,8 @@ def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource) -> di
         "first_file": str(files[0]) if files else None,
         "last_file": str(files[-1]) if files else None,
         "unparseable_rows": int(frame[PARSE_ERRORS].notna().sum()),
-        "exact_duplicate_rows": int(exact_duplicate_rows(frame, data_columns).sum()),  # as the clean stage drops them
+        # as the clean stage drops them
+        "exact_duplicate_rows": duplicate_count(frame, data_columns, known_prefix),
         **line_metrics(frame, source),
     }
     if source.sources:
@@ -231,6 +267,13 @@ def ingest_metrics(frame: pd.DataFrame, entity: str, source: EntitySource) -> di
         if source.cancellation_prefix:
             metrics["cancellation_rows"] = int(frame["order_id"].str.startswith(source.cancellation_prefix).sum())
     return metrics
+
+
+def known_prefix(previous: History | None, mode: str | None) -> tuple[int, int] | None:
+    """An incremental read's first rows are last night's (``read_source``): their count, if recorded."""
+    if mode != "incremental" or previous is None or previous.exact_duplicate_rows is None:
+        return None
+    return len(previous.frame), previous.exact_duplicate_rows
 
 
 def line_metrics(frame: pd.DataFrame, source: EntitySource) -> dict[str, int]:
@@ -270,16 +313,17 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
     log = stage_logger()
     mapping = load_mapping(mapping_name)
     store = run.store
+    history = load_history(run, mapping, mapping_name, landing_dir)
     with stage_client() as client:
         parse = parse_files if client is None else partitioned_parser(client, partition_count(client))
-        frames, sources = ingest_all(mapping, run.data_root, run.as_of, landing_dir,
-                                     history=load_history(run, mapping, mapping_name, landing_dir), parse=parse,
+        frames, sources = ingest_all(mapping, run.data_root, run.as_of, landing_dir, history=history, parse=parse,
                                      earliest_date=earliest_date)
         ran_on = executor_metrics(client)
     artifacts, metrics = {}, {}
     for entity, frame in frames.items():
         artifacts[entity] = store.write_frame("raw", entity, frame)
-        metrics[entity] = ingest_metrics(frame, entity, mapping.source(entity))
+        metrics[entity] = ingest_metrics(frame, entity, mapping.source(entity), known_prefix(
+            history.get(entity), sources.get(entity, {}).get("mode")))
         if entity in sources:
             metrics[entity]["read"] = sources[entity]["mode"]
         if "lookups" in sources.get(entity, {}):

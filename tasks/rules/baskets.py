@@ -70,8 +70,9 @@ def encode_baskets(order_lines: pd.DataFrame, options: RulesOptions) -> Baskets:
     kept = ~order_lines["is_return"].astype(bool) & (order_lines["quantity"] > 0).fillna(False)
     if "returned_quantity" in order_lines.columns:  # clean's netting: a purchase given back in full was not kept
         kept &= (order_lines["returned_quantity"].fillna(0) < order_lines["quantity"]).fillna(True)
-    bought = order_lines.loc[kept.astype(bool)]
-    usable = bought[key_columns + [item_column]].notna().all(axis=1)
+    # Only the basket's and the item's columns are copied (the lines' other columns are never read here).
+    bought = order_lines.loc[kept.astype(bool), key_columns + [item_column]]
+    usable = bought.notna().all(axis=1)
     purchases = bought.loc[usable]
     baskets = basket_codes(purchases, options.basket)
     item_codes, labels = pd.factorize(purchases[item_column], sort=True)

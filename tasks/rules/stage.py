@@ -75,7 +75,8 @@ def mine_rules(order_lines: pd.DataFrame, options: RulesOptions) -> MinedRules:
 
 def rules_and_recommendations(order_lines: pd.DataFrame, as_of, options: RulesOptions) -> RulesOutput:
     """Rules from the baskets before the as-of boundary, and recommendations for the active customers."""
-    lines = order_lines[order_lines["order_ts"] < as_of_end(as_of)]
+    before = order_lines["order_ts"] < as_of_end(as_of)
+    lines = order_lines if before.all() else order_lines[before]  # usually every line: no copy then
     mined = mine_rules(lines, options)
     started = time.perf_counter()
     recommendations = recommend(lines, mined.rules, options, as_of)
