@@ -114,7 +114,8 @@ def io_ceiling(export: Path, out: Path) -> float:
                 **{p.stem: [p] for p in sorted(landing.glob("*.csv"))}}
     started = time.perf_counter()
     for entity, files in entities.items():
-        header = files[0].open().readline().strip().replace('"', "").split(",")
+        with files[0].open() as first:
+            header = first.readline().strip().replace('"', "").split(",")
         # Every column as text, as an ingest of untrusted exports must read it (dirty values stay readable).
         convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in header})
         tables = [pacsv.read_csv(p, convert_options=convert) for p in files]
