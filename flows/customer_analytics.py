@@ -1,5 +1,5 @@
-"""The nightly/manual flow: ingest -> freshness -> validate -> clean -> features -> segment -> churn -> rules ->
-value -> forecast -> report.
+"""The nightly/manual flow: ingest -> freshness -> validate -> clean -> (features -> segment | rules) -> churn ->
+(value | forecast) -> report, where ``a | b`` run at the same time.
 
 Only wiring here: each step is a task from ``tasks/`` that reads and writes artifacts and passes references.
 The run folder is complete when ``_manifest.json`` exists; it is written last. A run holds its date's lock
@@ -9,10 +9,13 @@ unchanged, so a rerun after a crash resumes where it stopped.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 
 from crm_analytics.artifacts import RunStore, StageResult, code_version, utc_now
@@ -30,6 +33,20 @@ from tasks.rules import rules
 from tasks.segment import segment
 from tasks.validate import validate
 from tasks.value import value
+
+
+@contextmanager
+def alongside(stage: Any, *args: Any) -> Iterator[PrefectFuture[Any]]:
+    """Run ``stage(*args)`` in a worker thread while the block runs; its future is resolved when the block ends.
+
+    If the block fails, the stage is waited for before the error goes on, so no stage is still writing when the
+    run releases its date's lock; a failure of the stage itself is raised by ``result()`` after the block.
+    """
+    future = stage.submit(*args)
+    try:
+        yield future
+    finally:
+        future.wait()
 
 
 def default_as_of(scheduled: datetime | None = None) -> date:
@@ -107,12 +124,16 @@ def run_stages(as_of: date, options: PipelineOptions) -> str:
         fresh = freshness(run, ingested, options.freshness, options.mapping)
         validated = validate(run, ingested, options.validation, options.mapping)
         cleaned = clean(run, validated, options.mapping)
-        featured = features(run, cleaned)
-        segmented = segment(run, featured, options.segments, options.seed)
+        # Two cores: the rules run beside features and segment, the forecast beside value (each pair mostly one
+        # core each); churn runs alone, it uses both (its model families fit on two threads).
+        with alongside(rules, run, cleaned, options.rules) as mining:
+            featured = features(run, cleaned)
+            segmented = segment(run, featured, options.segments, options.seed)
+        mined = mining.result()
         churned = churn(run, cleaned, options.churn, options.seed, validated)
-        mined = rules(run, cleaned, options.rules)
-        valued = value(run, cleaned, segmented, churned, mined, options.value, options.churn.risk_band_edges)
-        forecasted = forecast(run, cleaned, segmented, options.forecast)
+        with alongside(forecast, run, cleaned, segmented, options.forecast) as forecasting:
+            valued = value(run, cleaned, segmented, churned, mined, options.value, options.churn.risk_band_edges)
+        forecasted = forecasting.result()
         results = [ingested, fresh, validated, cleaned, featured, segmented, churned, mined, valued, forecasted]
         results.append(report(run, results))
         manifest = store.write_manifest(build_manifest(store, options, started_at, results))

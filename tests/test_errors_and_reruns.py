@@ -388,3 +388,52 @@ def test_two_runs_of_one_date_on_one_export_write_identical_artifacts(prefect_se
                  if second["artifacts"][name]["content_hash"] != ref["content_hash"]}
     assert not differing
     assert _without_per_run(first) == _without_per_run(second)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("failing", ["rules", "features"])
+def test_a_stage_failing_beside_another_ends_the_run_in_one_line_after_both_stop(prefect_server, tmp_path,
+                                                                                 monkeypatch, failing):
+    """The rules run beside features and segment: whichever side fails, the run fails with that stage's line,
+    and only after the other side has finished (no stage still writing once the date's lock is released)."""
+    import flows.customer_analytics
+    import tasks.features
+    import tasks.rules.stage
+    from crm_analytics.errors import InputError
+    from crm_analytics.parameters import PipelineOptions
+    from flows.customer_analytics import customer_analytics
+
+    root = tmp_path / "data"
+    _small_export(root)
+    other = {"rules": "segment", "features": "rules"}[failing]
+    run_dir = root / "runs" / "as_of=2025-03-31"
+    finished_when_raised: list[bool] = []
+
+    def fail(*args, **kwargs):
+        raise InputError(f"{failing}: injected failure")
+
+    if failing == "rules":
+        monkeypatch.setattr(tasks.rules.stage, "rules_and_recommendations", fail)
+    else:
+        mine = tasks.rules.stage.rules_and_recommendations
+
+        def slow_rules(*args, **kwargs):
+            time.sleep(5)  # still mining when features fails
+            return mine(*args, **kwargs)
+
+        monkeypatch.setattr(tasks.rules.stage, "rules_and_recommendations", slow_rules)
+        monkeypatch.setattr(tasks.features, "features_by_part", fail)
+    one_line = flows.customer_analytics.failed_with_one_line
+
+    def after_the_lock_is_released(exc):  # Prefect itself waits for running tasks only later, when the flow ends
+        finished_when_raised.append((run_dir / "_stages" / f"{other}.json").exists())
+        return one_line(exc)
+
+    monkeypatch.setattr(flows.customer_analytics, "failed_with_one_line", after_the_lock_is_released)
+    with pytest.raises(InputError, match=f"{failing}: injected failure"):
+        customer_analytics(as_of=date(2025, 3, 31), options=PipelineOptions(data_root=str(root)))
+    assert finished_when_raised == [True]  # the stage beside the failure finished and recorded its outputs
+    assert not (run_dir / "_manifest.json").exists()
+    run, logs = _flow_run_and_logs("customer-analytics-2025-03-31", awaited="Finished in state Failed")
+    assert run.state.message == f"error: {failing}: injected failure"
+    assert not any(TRACEBACK in message for message in logs)
