@@ -95,7 +95,10 @@ def release_arrow_memory() -> None:
 
 @contextlib.contextmanager
 def measured(interval: float = 0.05) -> Iterator[dict[str, float]]:
-    """Wall and CPU seconds and the peak resident memory (sampled) of the block, for the manifest."""
+    """Wall and CPU seconds and the peak resident memory (sampled) of the block, for the manifest.
+
+    Both CPU and memory are the process's: for stages that run at the same time (the flow runs some side by
+    side), each one's figures include the other's; ``started_at`` (Unix seconds) shows which overlapped."""
     timing: dict[str, float] = {}
     peak = [_rss_bytes()]
     done = threading.Event()
@@ -106,13 +109,13 @@ def measured(interval: float = 0.05) -> Iterator[dict[str, float]]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu, started_at = time.perf_counter(), time.process_time(), time.time()
     try:
         yield timing
     finally:
         done.set()
         sampler.join()
-        timing.update(wall_seconds=round(time.perf_counter() - wall, 3),
+        timing.update(started_at=round(started_at, 3), wall_seconds=round(time.perf_counter() - wall, 3),
                       cpu_seconds=round(time.process_time() - cpu, 3),
                       peak_rss_mb=round(max(peak[0], _rss_bytes()) / 2**20, 1))
 

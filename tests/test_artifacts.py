@@ -1,9 +1,12 @@
 from datetime import date
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from crm_analytics.artifacts import RunStore, atomic_path, file_sha256
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_write_frame_returns_a_reference_that_describes_the_file(tmp_path):
@@ -73,3 +76,21 @@ def test_an_earlier_run_is_read_through_its_manifest_not_its_layout(tmp_path):
     assert later.previous_complete().artifact("segments", "profiles") is None
     assert RunStore.latest_complete(tmp_path).as_of == date(2025, 1, 5) and earlier.completed_key() == "k1"
     assert later.completed_key() is None and RunStore.complete_dates(tmp_path) == [date(2025, 1, 5)]
+
+
+def test_the_time_inside_stages_counts_overlapping_stages_once():
+    import importlib.util
+
+    from tasks.common import measured
+
+    with measured() as timing:
+        pass
+    assert set(timing) == {"started_at", "wall_seconds", "cpu_seconds", "peak_rss_mb"}
+    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "benchmarks" / "bench_pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stages = {"ingest": (0.0, 10.0), "features": (10.0, 5.0), "rules": (11.0, 6.0), "churn": (20.0, 4.0),
+              "report": (None, 1.0)}  # rules beside features (10-17 covered once), a gap 17-20, a stage untimed
+    manifest = {"stages": {name: {"timing": {"wall_seconds": wall} | ({} if start is None else {"started_at": start})}
+                           for name, (start, wall) in stages.items()}}
+    assert bench.stage_wall_seconds(manifest) == 10.0 + 7.0 + 4.0
