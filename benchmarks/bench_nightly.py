@@ -80,8 +80,11 @@ def goals_table(customers: int, manifest: dict, wall: float, peak_mb: float, flo
 
 def stage_rows(label: str, wall: float, manifest: dict) -> list[dict]:
     rows = []
+    starts = [t["started_at"] for s in manifest["stages"].values() if "started_at" in (t := s.get("timing", {}))]
     for stage in STAGES:
-        timing = manifest["stages"].get(stage, {}).get("timing", {})
+        timing = dict(manifest["stages"].get(stage, {}).get("timing", {}))
+        if "started_at" in timing:  # seconds into the run: stages that run side by side show it
+            timing["starts_at_s"] = round(timing.pop("started_at") - min(starts), 1)
         rows.append({"run": label, "stage": stage, **timing})
     rows.append({"run": label, "stage": "flow (wall)", "wall_seconds": round(wall, 2),
                  "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in rows)})
