@@ -487,7 +487,7 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
                                      earliest_date=earliest_date, skip=frozenset(streamed))
         ran_on = executor_metrics(client)
     artifacts, metrics, landing = {}, {}, mapping.landing_path(run.data_root, landing_dir)
-    for entity in [*streamed, *frames]:
+    for entity in [*frames, *streamed]:  # the frames first: each is released once written, before any stream
         if entity in streamed:
             artifacts[entity], metrics[entity], sources[entity] = stream_entity(
                 store, entity, mapping, landing, run.as_of, history.get(entity))
