@@ -155,3 +155,19 @@ def test_undeclared_personal_data_stops_both_before_the_file_is_in_place(tmp_pat
         _new(tmp_path, mapping, landing, date(2025, 1, 4))
     assert str(streamed.value) == str(whole.value)
     assert not list((tmp_path / "new").rglob("*.parquet"))
+
+
+def test_undeclared_personal_data_arriving_tonight_stops_an_incremental_night_in_both(tmp_path, sizes):
+    mapping = load_mapping("sample")
+    days = {f"2025-01-0{d}": [f'"O{d}","C{d}","2025-01-0{d} 09:00:00","P1","1","2"'] for d in range(1, 4)}
+    days["2025-01-04"] = [f'"O4{i}","c4{i}@example.com","2025-01-04 09:00:00","P1","1","2"' for i in range(9)]
+    landing = _landing(tmp_path, days)
+    yesterday, counts, record = _old(mapping, landing, date(2025, 1, 3))
+    raw = RunStore(tmp_path / "yesterday", date(2025, 1, 3)).write_frame("raw", "order_lines", yesterday)
+    counted = counts["exact_duplicate_rows"]
+    with pytest.raises(PersonalDataError) as whole:
+        _old(mapping, landing, date(2025, 1, 4), History(yesterday, record["files"], None, counted))
+    with pytest.raises(PersonalDataError) as streamed:
+        _new(tmp_path, mapping, landing, date(2025, 1, 4), History(None, record["files"], None, counted, raw))
+    assert str(streamed.value) == str(whole.value)
+    assert not list((tmp_path / "new").rglob("*.parquet"))
