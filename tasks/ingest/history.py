@@ -64,7 +64,9 @@ def only_appended(recorded: dict[str, list[int]], files: list[Path]) -> bool:
 def load_history(run: RunSpec, mapping: SourceMapping, mapping_name: str,
                  landing_dir: str | None) -> dict[str, History]:
     """The latest earlier complete run's raw rows of daily-file entities, if it read the same landing folder
-    through the same mapping: tonight then reads only the new days' files ("yesterday's compacted history")."""
+    through the same mapping: tonight then reads only the new days' files ("yesterday's compacted history").
+    The rows are not read here: each ``History`` names the file holding them (``raw``), which the stage copies
+    a row group at a time (``stream_entity``) or reads whole where it must (``History.rows_in_memory``)."""
     previous = run.store.previous_complete()
     sources = previous.artifact("raw", "sources") if previous is not None else None
     if sources is None:
