@@ -506,6 +506,14 @@ class RunStore:
             stage, name, target, "parquet", rows=table.num_rows, schema_fingerprint=schema_fingerprint(table.schema)
         )
 
+    def write_table_with(self, stage: str, name: str, writer: Callable[[Path], tuple[int, pa.Schema]]) -> ArtifactRef:
+        """Write a table with a caller's writer (e.g. one streaming row groups) atomically; ``writer`` writes the
+        Parquet file at the path it is given and returns its rows and schema. An error in it leaves no file."""
+        target = self.path(stage, f"{name}.parquet")
+        with atomic_path(target) as tmp:
+            rows, schema = writer(tmp)
+        return self._ref(stage, name, target, "parquet", rows=rows, schema_fingerprint=schema_fingerprint(schema))
+
     def write_partitioned(self, stage: str, name: str, parts: Iterable[pd.DataFrame | pa.Table],
                           schema: pa.Schema | None = None, sort_by: list[str] | None = None) -> ArtifactRef:
         """Write a table as a folder of parts, each written as ``parts`` yields it (the caller holds one part at a

@@ -149,19 +149,22 @@ def personal_kind(values: list[str]) -> tuple[str, int] | None:
 def undeclared_personal_columns(frame: pd.DataFrame, entity: str, columns: list[str]) -> list[str]:
     """One message per column of ``columns`` whose sampled values mostly look like e-mail addresses or phone
     numbers; the message names the column, the kind and the share, never a value."""
-    problems = []
-    for column in columns:
-        if column not in frame.columns:
-            continue
-        sampled = sample_values(frame[column])
-        if found := personal_kind(sampled):
-            kind, count = found
-            fix = (f"it is a key joining the entities, which pii cannot pseudonymise: export a non-personal id, or "
-                   f"add it to entities.{entity}.not_personal to accept it" if column in KEY_COLUMNS else
-                   f"add it to entities.{entity}.pii, or to not_personal if it is not personal data")
-            problems.append(f"{entity}.{column} looks like {kind} ({count:,} of {len(sampled):,} sampled values) but "
-                            f"is not in pii: {fix}")
-    return problems
+    problems = [personal_column_problem(entity, column, sample_values(frame[column]))
+                for column in columns if column in frame.columns]
+    return [problem for problem in problems if problem is not None]
+
+
+def personal_column_problem(entity: str, column: str, sampled: list[str]) -> str | None:
+    """The message for one undeclared column whose ``sampled`` values (``sample_values``) mostly look personal,
+    or None (a reader that streams a table gathers the same sample batch by batch)."""
+    if not (found := personal_kind(sampled)):
+        return None
+    kind, count = found
+    fix = (f"it is a key joining the entities, which pii cannot pseudonymise: export a non-personal id, or "
+           f"add it to entities.{entity}.not_personal to accept it" if column in KEY_COLUMNS else
+           f"add it to entities.{entity}.pii, or to not_personal if it is not personal data")
+    return (f"{entity}.{column} looks like {kind} ({count:,} of {len(sampled):,} sampled values) but "
+            f"is not in pii: {fix}")
 
 
 def check_declared_personal_data(frames: dict[str, pd.DataFrame], mapping: SourceMapping) -> None:

@@ -12,8 +12,9 @@ The package, bottom to top: ``text_files`` (what a file is: kind, encoding, head
 ``columns`` (matching mapped names to a header), ``lines`` (the independent line count), ``readers`` (one text
 file as text rows with their lineage), ``parse`` (typing text; ``parse_entity``), ``derive`` (entities built
 from another), ``sources`` (an entity's files or SQL query as text), ``history`` (incremental reads from the
-previous run), ``stage`` (``ingest_all``, metrics, the fingerprint and the Prefect task ``ingest``). The names
-below are the package's API, as importable from ``tasks.ingest`` as before the split.
+previous run), ``streamed`` (the row-group writer and batch-by-batch metrics of an entity streamed to raw/),
+``stage`` (``ingest_all``, ``stream_entity``, metrics, the fingerprint and the Prefect task ``ingest``). The
+names below are the package's API, as importable from ``tasks.ingest`` as before the split.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ from tasks.ingest.stage import (
     line_metrics,
     parse_files,
     partitioned_parser,
+    stream_entity,
+    streamable,
 )
 from tasks.ingest.text_files import (
     BASKET_COLUMNS,
@@ -113,5 +116,5 @@ __all__ = [
     "parse_error_column", "parse_files", "parse_integers", "parse_numbers", "parse_text", "parse_timestamps",
     "partitioned_parser", "read_baskets", "read_delimited", "read_files", "read_parquet_text", "read_query",
     "read_source_text", "read_whitespace_separated", "reusable_history", "shown_columns", "source_columns",
-    "text_file_problem", "with_provided_columns"
+    "stream_entity", "streamable", "text_file_problem", "with_provided_columns"
 ]

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import pandas as pd
 import pyarrow.parquet as pq
 
-from crm_analytics.artifacts import RunStore, code_version
+from crm_analytics.artifacts import ArtifactRef, RunStore, code_version
 from crm_analytics.mapping import SourceMapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec
 from crm_analytics.schema import SOURCE_LINES
@@ -18,12 +18,24 @@ from crm_analytics.schema import SOURCE_LINES
 class History(NamedTuple):
     """An earlier run's parsed rows of a daily-file entity, and the state of the files they came from."""
 
-    frame: pd.DataFrame
+    # The rows in memory, or None when only ``raw`` is known: the stage streams them from the file instead of
+    # holding last night's whole export (``load_history`` never reads them; ``rows_of`` reads them on demand).
+    frame: pd.DataFrame | None
     files: dict[str, list[int]]  # path -> [size, mtime_ns]
     lookups: dict | None = None  # the lookup tables' files and rows whose lookup failed (see tasks.ingest.lookups)
     # The earlier run's count of exact duplicate rows in ``frame``, when that run's code is tonight's (so its count
     # means tonight's definition): tonight then compares only the new rows (``tasks.ingest.stage``).
     exact_duplicate_rows: int | None = None
+    raw: ArtifactRef | None = None  # the earlier run's raw/<entity>.parquet holding the rows
+
+    @property
+    def rows(self) -> int:
+        """How many rows it holds (from the file's metadata when they are not in memory)."""
+        return len(self.frame) if self.frame is not None else pq.ParquetFile(self.raw.file).metadata.num_rows
+
+    def rows_in_memory(self) -> pd.DataFrame:
+        """The rows as one frame: in memory already, or read from ``raw``."""
+        return self.frame if self.frame is not None else RunStore.read_frame(self.raw)
 
 
 def file_states(paths: list[Path]) -> dict[str, list[int]]:
@@ -52,7 +64,9 @@ def only_appended(recorded: dict[str, list[int]], files: list[Path]) -> bool:
 def load_history(run: RunSpec, mapping: SourceMapping, mapping_name: str,
                  landing_dir: str | None) -> dict[str, History]:
     """The latest earlier complete run's raw rows of daily-file entities, if it read the same landing folder
-    through the same mapping: tonight then reads only the new days' files ("yesterday's compacted history")."""
+    through the same mapping: tonight then reads only the new days' files ("yesterday's compacted history").
+    The rows are not read here: each ``History`` names the file holding them (``raw``), which the stage copies
+    a row group at a time (``stream_entity``) or reads whole where it must (``History.rows_in_memory``)."""
     previous = run.store.previous_complete()
     sources = previous.artifact("raw", "sources") if previous is not None else None
     if sources is None:
@@ -69,9 +83,9 @@ def load_history(run: RunSpec, mapping: SourceMapping, mapping_name: str,
         files = read.get("files")
         # Rows of a run before ``_source_lines`` existed cannot stand in for a read: read their files again.
         if source.daily and files and raw is not None and SOURCE_LINES in pq.read_schema(raw.file).names:
-            frame = previous.read_frame(raw)
             rows, duplicates = counted.get(entity, (None, None))
-            history[entity] = History(frame, files, read.get("lookups"), duplicates if rows == len(frame) else None)
+            on_file = pq.ParquetFile(raw.file).metadata.num_rows
+            history[entity] = History(None, files, read.get("lookups"), duplicates if rows == on_file else None, raw)
     return history
 
 

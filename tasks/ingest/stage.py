@@ -3,17 +3,21 @@ metrics; the fingerprint of what it reads; and the Prefect task edge writing ``r
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from crm_analytics.artifacts import StageResult
+from crm_analytics.artifacts import ArtifactRef, RunStore, StageResult
 from crm_analytics.distributed import executor_metrics, partition_count, stage_client
+from crm_analytics.errors import PersonalDataError
 from crm_analytics.frames import exact_duplicate_rows, lines_covered
 from crm_analytics.mapping import (
     SOURCE_NAME,
@@ -25,7 +29,7 @@ from crm_analytics.mapping import (
     select_files,
 )
 from crm_analytics.parameters import RunSpec
-from crm_analytics.privacy import check_declared_personal_data
+from crm_analytics.privacy import check_declared_personal_data, personal_column_problem
 from crm_analytics.schema import PARSE_ERRORS, SOURCE_FILE, SOURCE_LINES
 from tasks.common import IO_RETRY, stage_logger, stage_task
 from tasks.ingest.columns import VALUE_LIKE, column_use, shown_columns
@@ -42,6 +46,15 @@ from tasks.ingest.lookups import (
 )
 from tasks.ingest.parse import empty_entity, parse_entity
 from tasks.ingest.sources import read_files, read_query
+from tasks.ingest.streamed import (
+    ROW_GROUP_ROWS,
+    AppendedCopies,
+    EvenSample,
+    HashedCopies,
+    RowGroupWriter,
+    Tally,
+    present_values,
+)
 from tasks.ingest.text_files import source_columns
 
 
@@ -93,7 +106,8 @@ def partitioned_parser(client: Any, partitions: int) -> FileParser:
 
 def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_override: str | None = None,
                history: dict[str, History] | None = None, parse: FileParser = parse_files,
-               earliest_date: date | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
+               earliest_date: date | None = None,
+               skip: frozenset[str] = frozenset()) -> tuple[dict[str, pd.DataFrame], dict[str, dict]]:
     """Every entity of the mapping, read or derived, parsed and typed.
 
     ``earliest_date`` is the validation's (``ValidationOptions.earliest_date``): a derived entity comes only from
@@ -105,12 +119,16 @@ def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_ove
     a Dask cluster (``partitioned_parser``); derived and SQL entities are
     always built here (a derivation groups the whole origin entity; a query is one read).
     Returns the frames and, per entity, the files read and how (``full`` or ``incremental``).
+    ``skip``: entities the caller reads itself (``stream_entity``); they are neither read, filled in as absent,
+    nor checked here.
     """
     landing = mapping.landing_path(data_root, landing_override)
     frames: dict[str, pd.DataFrame] = {}
     sources: dict[str, dict] = {}
     for entity in mapping.read_order():
         source = mapping.entities[entity]
+        if entity in skip:
+            continue
         if source.derive is not None:
             frames[entity] = derive_entity(frames[source.derive.from_entity], entity, mapping, as_of, earliest_date)
             continue
@@ -120,7 +138,7 @@ def ingest_all(mapping: SourceMapping, data_root: Path, as_of: date, landing_ove
         frames[entity], sources[entity] = read_source(entity, mapping, landing, as_of,
                                                       (history or {}).get(entity), parse)
     for entity in ("products", "order_lines"):
-        if entity not in frames:
+        if entity not in frames and entity not in skip:
             frames[entity] = empty_entity(entity, mapping)
             sources[entity] = {"mode": "absent", "files": {}}
     check_declared_personal_data(frames, mapping)  # an undeclared e-mail or phone column stops the run here
@@ -143,10 +161,10 @@ def read_source(entity: str, mapping: SourceMapping, landing: Path, as_of: date,
         if (source.daily and reusable_history(previous, files)
                 and lookups_reusable(previous.lookups if previous else None, tables)):
             new_files = [p for p in files if str(p) not in previous.files]
-            parts = [previous.frame]
+            parts = [previous.rows_in_memory()]
             if new_files:
                 parts.append(parse(entity, mapping, landing, as_of, new_files, **lookup_args))
-            frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else previous.frame
+            frame = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
             record = {"mode": "incremental", "new_files": len(new_files), "files": file_states(files)}
         else:
             frame = parse(entity, mapping, landing, as_of, files, **lookup_args)
@@ -171,6 +189,152 @@ def read_several_sources(entity: str, mapping: SourceMapping, landing: Path, as_
     union = union[data + [c for c in union.columns if c.startswith("_")]]  # lineage last, as one source's
     files = {path: state for record in records.values() for path, state in record["files"].items()}
     return union, {"mode": "sources", "files": files, "sources": records}
+
+
+# Landing bytes parsed at once when a streamed entity is read in full: a parse's fixed cost stays small next to
+# its work (hundreds of daily files per batch), and a batch's text and typed frames stay a few hundred MB.
+BATCH_BYTES = 1 << 25
+
+
+def streamable(entity: str, mapping: SourceMapping) -> bool:
+    """Whether ``stream_entity`` can read an entity: daily files of one CSV or Parquet source, without lookups,
+    and no entity derived from it (a derivation groups its origin whole)."""
+    source = mapping.entities[entity]
+    origins = {other.derive.from_entity for other in mapping.entities.values() if other.derive is not None}
+    return (source.daily and bool(source.files) and source.query is None and source.derive is None
+            and not source.sources and not source.lookup and source.format != "baskets" and entity not in origins)
+
+
+def _earlier_rows(previous: History) -> Iterator[tuple[pd.DataFrame, pa.Table | None]]:
+    """Last night's rows a row group at a time: as a frame (for the metrics) and as read (for the writer)."""
+    if previous.frame is not None:
+        for start in range(0, max(len(previous.frame), 1), ROW_GROUP_ROWS):
+            yield previous.frame.iloc[start:start + ROW_GROUP_ROWS], None
+        return
+    rows = pq.ParquetFile(previous.raw.file)
+    for group in range(rows.num_row_groups):
+        table = rows.read_row_group(group)
+        yield table.to_pandas(), table
+
+
+def _read_back(path: Path, positions: np.ndarray, columns: list[str],
+               samples: dict[str, EvenSample]) -> list[pd.DataFrame]:
+    """From the file just written, row group by row group: the rows at ``positions`` (sorted) in ``columns``, and
+    the sampled columns' values into ``samples``."""
+    rows, start, picked = pq.ParquetFile(path), 0, []
+    for group in range(rows.num_row_groups):
+        size = rows.metadata.row_group(group).num_rows
+        low, high = np.searchsorted(positions, [start, start + size])
+        wanted = list(dict.fromkeys([*samples, *(columns if high > low else [])]))
+        if wanted:
+            frame = rows.read_row_group(group, columns=wanted).to_pandas()
+            if high > low:
+                picked.append(frame[columns].iloc[positions[low:high] - start])
+            for column, sample in samples.items():
+                sample.add(frame[column])
+        start += size
+    return picked
+
+
+def stream_entity(store: RunStore, entity: str, mapping: SourceMapping, landing: Path, as_of: date,
+                  previous: History | None = None) -> tuple[ArtifactRef, dict[str, object], dict]:
+    """``read_source``, ``raw/<entity>.parquet`` and ``ingest_metrics`` of a ``streamable`` entity, without holding
+    it whole: last night's rows are copied a row group at a time and the new days' rows appended (incremental),
+    or the files are parsed ``BATCH_BYTES`` at a time (full), each batch written as it comes. The file holds the
+    rows, order and schema of the whole frame (in the same row groups), the metrics equal ``ingest_metrics`` on
+    it, and the personal-data check of ``ingest_all`` runs before the file takes its place.
+
+    Returns the artifact, the metrics and how it was read (``read_source``'s record)."""
+    source, checked = mapping.entities[entity], mapping.source(entity)
+    files = select_files(landing, source, as_of, entity)
+    declared = {*checked.pii, *checked.not_personal}
+    sampled = [c for c, kind in mapping.column_types(entity).items() if kind == "string" and c not in declared]
+    tally = Tally(entity, functools.partial(line_metrics, source=checked), checked.cancellation_prefix)
+    if source.daily and reusable_history(previous, files):
+        new_files = [p for p in files if str(p) not in previous.files]
+        record = {"mode": "incremental", "new_files": len(new_files), "files": file_states(files)}
+    else:
+        new_files, record = files, {"mode": "full", "files": file_states(files)}
+
+    def write_incremental(path: Path) -> tuple[int, pa.Schema]:
+        new = parse_files(entity, mapping, landing, as_of, new_files) if new_files else None
+        prefix = known_prefix(previous, "incremental")
+        writer, hashed, appended, samples = RowGroupWriter(path), None, None, {}
+        for frame, table in _earlier_rows(previous):
+            if writer.schema is None:  # the whole frame's schema: the new rows', as pd.concat keeps their dtypes
+                writer.schema = frame_schema(new if new is not None and len(new) else frame)
+                columns = [c for c in frame.columns if not c.startswith("_")]
+                present = ((previous.frame[sampled].notna().sum().to_dict() if previous.frame is not None else
+                            present_values(previous.raw.file, sampled)) if sampled else {})
+                if present is None:  # a file without null counts: sample it as a full read does
+                    present = {c: 0 for c in sampled}
+                    for earlier, _ in _earlier_rows(previous):
+                        present = {c: present[c] + int(earlier[c].notna().sum()) for c in sampled}
+                samples = {c: EvenSample(present[c] + (int(new[c].notna().sum()) if new is not None else 0))
+                           for c in sampled}
+                if prefix is not None and new is not None:
+                    appended = AppendedCopies(new, columns)
+                elif prefix is None:
+                    hashed = HashedCopies(columns)
+            tally.add(frame)
+            for copies in (appended, hashed):
+                if copies is not None:
+                    copies.add(frame)
+            for column, sample in samples.items():
+                sample.add(frame[column])
+            writer.append(frame if table is None else table)
+        if new is not None:
+            tally.add(new)
+            if hashed is not None:
+                hashed.add(new)
+            for column, sample in samples.items():
+                sample.add(new[column])
+            writer.append(new)
+        del new
+        rows, schema = writer.close()
+        if hashed is not None:
+            duplicates = hashed.count(_read_back(path, hashed.candidates(), columns, {}))
+        else:
+            duplicates = prefix[1] + (appended.count() if appended is not None else 0)
+        _check_personal(entity, samples)
+        metrics.update(tally.metrics(duplicates))
+        return rows, schema
+
+    def write_full(path: Path) -> tuple[int, pa.Schema]:
+        writer, hashed, present = RowGroupWriter(path), None, dict.fromkeys(sampled, 0)
+        total = sum(p.stat().st_size for p in files)
+        for index, batch in enumerate(file_batches(files, max(1, -(-total // BATCH_BYTES)))):
+            frame = parse_files(entity, mapping, landing, as_of, batch, like=files[0] if index else None)
+            if hashed is None:
+                columns = [c for c in frame.columns if not c.startswith("_")]
+                hashed = HashedCopies(columns)
+            tally.add(frame)
+            hashed.add(frame)
+            present = {c: present[c] + int(frame[c].notna().sum()) for c in sampled}
+            writer.append(frame)
+            del frame
+        rows, schema = writer.close()
+        samples = {c: EvenSample(present[c]) for c in sampled}
+        duplicates = hashed.count(_read_back(path, hashed.candidates(), columns, samples))
+        _check_personal(entity, samples)
+        metrics.update(tally.metrics(duplicates))
+        return rows, schema
+
+    metrics: dict[str, object] = {}
+    ref = store.write_table_with("raw", entity, write_incremental if record["mode"] == "incremental" else write_full)
+    return ref, metrics, record
+
+
+def frame_schema(frame: pd.DataFrame) -> pa.Schema:
+    """The schema ``pa.Table.from_pandas`` gives a frame (pandas metadata included), from its first row."""
+    return pa.Table.from_pandas(frame.head(1), preserve_index=False).schema
+
+
+def _check_personal(entity: str, samples: dict[str, EvenSample]) -> None:
+    """``check_declared_personal_data`` of a streamed entity, on the sample it would take of the whole frame."""
+    problems = [personal_column_problem(entity, column, sample.values) for column, sample in samples.items()]
+    if problems := [problem for problem in problems if problem is not None]:
+        raise PersonalDataError("; ".join(problems))
 
 
 def landing_fingerprint(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
@@ -273,7 +437,7 @@ def known_prefix(previous: History | None, mode: str | None) -> tuple[int, int] 
     """An incremental read's first rows are last night's (``read_source``): their count, if recorded."""
     if mode != "incremental" or previous is None or previous.exact_duplicate_rows is None:
         return None
-    return len(previous.frame), previous.exact_duplicate_rows
+    return previous.rows, previous.exact_duplicate_rows
 
 
 def line_metrics(frame: pd.DataFrame, source: EntitySource) -> dict[str, int]:
@@ -316,14 +480,25 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
     history = load_history(run, mapping, mapping_name, landing_dir)
     with stage_client() as client:
         parse = parse_files if client is None else partitioned_parser(client, partition_count(client))
+        # Daily-file entities read locally are streamed to raw/ (memory bounded by a row group, not the export);
+        # the others are read whole (a Dask cluster's batches come back as one frame).
+        streamed = [] if client is not None else [e for e in mapping.read_order() if streamable(e, mapping)]
         frames, sources = ingest_all(mapping, run.data_root, run.as_of, landing_dir, history=history, parse=parse,
-                                     earliest_date=earliest_date)
+                                     earliest_date=earliest_date, skip=frozenset(streamed))
         ran_on = executor_metrics(client)
-    artifacts, metrics = {}, {}
-    for entity, frame in frames.items():
-        artifacts[entity] = store.write_frame("raw", entity, frame)
-        metrics[entity] = ingest_metrics(frame, entity, mapping.source(entity), known_prefix(
-            history.get(entity), sources.get(entity, {}).get("mode")))
+    artifacts, metrics, landing = {}, {}, mapping.landing_path(run.data_root, landing_dir)
+    for entity in [*frames, *streamed]:  # the frames first: each is released once written, before any stream
+        if entity in streamed:
+            artifacts[entity], metrics[entity], sources[entity] = stream_entity(
+                store, entity, mapping, landing, run.as_of, history.get(entity))
+            rows = metrics[entity]["rows"]
+        else:
+            frame = frames.pop(entity)  # released once written and counted
+            artifacts[entity] = store.write_frame("raw", entity, frame)
+            metrics[entity] = ingest_metrics(frame, entity, mapping.source(entity), known_prefix(
+                history.get(entity), sources.get(entity, {}).get("mode")))
+            rows = len(frame)
+            del frame
         if entity in sources:
             metrics[entity]["read"] = sources[entity]["mode"]
         if "lookups" in sources.get(entity, {}):
@@ -334,8 +509,11 @@ def ingest(run: RunSpec, mapping_name: str, landing_dir: str | None = None,
             metrics[entity].update(report)
             for warning in warnings:
                 log.warning(warning)
-        log.info("ingested %s: %d rows from %d source(s) (%s)", entity, len(frame), metrics[entity]["files"],
+        log.info("ingested %s: %d rows from %d source(s) (%s)", entity, rows, metrics[entity]["files"],
                  sources.get(entity, {}).get("mode", "derived"))
+    # In read order, then the absent entities, as before any entity was streamed.
+    order = [*(e for e in mapping.read_order() if e in artifacts), *(e for e in artifacts if e not in mapping.entities)]
+    artifacts, metrics = {e: artifacts[e] for e in order}, {e: metrics[e] for e in order}
     artifacts["sources"] = store.write_json("raw", "sources", {
         "mapping": mapping_fingerprint(mapping_name),
         "landing": str(mapping.landing_path(run.data_root, landing_dir)),
