@@ -293,6 +293,16 @@ def _as_sets(failures: Failures) -> dict[str, set]:
     return {reason: set(labels) for reason, labels in failures.items() if labels}
 
 
+def cross_check_positions(rows: int, sample_rows: int, seed: int = 0) -> np.ndarray:
+    """Which rows (sorted positions) ``cross_check`` samples of a frame of ``rows`` rows: all of them when there are
+    no more than ``sample_rows``. A caller validating a frame in batches gathers these rows from its batches."""
+    if sample_rows <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if rows <= sample_rows:
+        return np.arange(rows)
+    return np.sort(np.random.default_rng(seed).choice(rows, size=sample_rows, replace=False))
+
+
 def cross_check(frame: pd.DataFrame, suite: dict[str, Any], compiled: list[dict[str, Any]],
                 parameters: dict[str, Any], sample_rows: int, seed: int = 0) -> int:
     """GX and the compiled masks on the same seeded sample must fail exactly the same rows for the same reasons.
@@ -304,8 +314,7 @@ def cross_check(frame: pd.DataFrame, suite: dict[str, Any], compiled: list[dict[
         return 0
     sample = frame
     if len(frame) > sample_rows:  # positional take: DataFrame.sample copies the frame's index machinery first
-        positions = np.random.default_rng(seed).choice(len(frame), size=sample_rows, replace=False)
-        sample = frame.take(np.sort(positions))
+        sample = frame.take(cross_check_positions(len(frame), sample_rows, seed))
     sub_suite = {**suite, "expectations": compiled}
     ours, theirs = _as_sets(run_compiled(sample, sub_suite, compiled, parameters)), _as_sets(
         run_gx(sample, sub_suite, parameters))
