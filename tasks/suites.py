@@ -124,20 +124,40 @@ def _between(column: pd.Series, kw: dict[str, Any]) -> np.ndarray:
     return unexpected
 
 
+class ValueSet(list):
+    """A large value set (a list, as GX takes it) that keeps its Arrow array once built: a table validated in
+    batches converts its million known ids once, not once per batch (~0.3 s CPU a million)."""
+
+    def __init__(self, values: Any):
+        super().__init__(values)
+        self._arrow: dict[pa.DataType, pa.Array] = {}
+
+    def arrow(self, type: pa.DataType) -> pa.Array:
+        if type not in self._arrow:
+            self._arrow[type] = pa.array(self, type=type)
+        return self._arrow[type]
+
+
+def with_value_sets(parameters: dict[str, Any]) -> dict[str, Any]:
+    """``parameters`` with each list longer than ``SMALL_VALUE_SET`` as a :class:`ValueSet` (the same values)."""
+    return {name: ValueSet(value) if isinstance(value, list) and len(value) > SMALL_VALUE_SET else value
+            for name, value in parameters.items()}
+
+
 def _is_member(column: pd.Series, values: Any) -> np.ndarray:
-    values = list(values)
     if isinstance(column.dtype, pd.StringDtype) and column.dtype.storage == "pyarrow":
         # pandas' arrow-string isin boxes every value of the set into a pyarrow scalar first: seconds for a
         # million known ids. The same membership test straight in pyarrow is several times faster.
         array = pa.array(column.array)
         try:
-            value_set = pa.array(values, type=array.type)
+            value_set = (values.arrow(array.type) if isinstance(values, ValueSet)
+                         else pa.array(list(values), type=array.type))
         except (TypeError, ValueError):  # pyarrow's ArrowTypeError / ArrowInvalid
             value_set = None  # a set of non-strings: pandas' own rules apply
         if value_set is not None:
             member = pc.is_in(array, value_set=value_set)
             return member.to_numpy(zero_copy_only=False).astype(bool, copy=False) & _present(column)
-    return column.isin(values).to_numpy(dtype=bool)
+    return column.isin(list(values)).to_numpy(dtype=bool)
 
 
 def _in_set(column: pd.Series, kw: dict[str, Any], *, member_fails: bool) -> np.ndarray:

@@ -46,6 +46,7 @@ from tasks.suites import (
     reason_of,
     row_failures,
     suite_parameters,
+    with_value_sets,
 )
 
 __all__ = ["ValidationOutcome", "cascade_summary", "check_gates", "check_quarantine_rate", "gate_failure",
@@ -284,7 +285,8 @@ class BatchedValidation:
                  personal: Collection[str] = (), upstream: dict[str, ValidationOutcome] | None = None):
         if any(e["type"] in UNIQUENESS_EXPECTATIONS for e in suite["expectations"]):
             raise ValueError(f"suite {suite['name']!r} checks uniqueness: its rows cannot be validated in batches")
-        self.suite, self.parameters, self.rows = suite, parameters, rows
+        self.suite, self.rows = suite, rows
+        self.parameters = with_value_sets(parameters)  # the known ids: converted to Arrow once, not per batch
         self.engine, self.cross_check_rows, self.personal = engine, cross_check_rows, personal
         self.upstream = upstream
         self.refers = any(REFERENCES in (e.get("meta") or {}) for e in suite["expectations"])
