@@ -282,13 +282,14 @@ class BatchedValidation:
 
     def __init__(self, suite: dict[str, Any], parameters: dict[str, Any], rows: int, *,
                  engine: Engine = "compiled", cross_check_rows: int = CROSS_CHECK_ROWS,
-                 personal: Collection[str] = (), upstream: dict[str, ValidationOutcome] | None = None):
+                 personal: Collection[str] = (), upstream: dict[str, ValidationOutcome] | None = None,
+                 shared_lines: bool = False):
         if any(e["type"] in UNIQUENESS_EXPECTATIONS for e in suite["expectations"]):
             raise ValueError(f"suite {suite['name']!r} checks uniqueness: its rows cannot be validated in batches")
         self.suite, self.rows = suite, rows
         self.parameters = with_value_sets(parameters)  # the known ids: converted to Arrow once, not per batch
         self.engine, self.cross_check_rows, self.personal = engine, cross_check_rows, personal
-        self.upstream = upstream
+        self.upstream, self.shared_lines = upstream, shared_lines
         self.refers = any(REFERENCES in (e.get("meta") or {}) for e in suite["expectations"])
         self.sampled = cross_check_positions(rows, cross_check_rows) if engine == "compiled" else np.zeros(0, int)
         self.samples: list[pd.DataFrame] = []
@@ -299,6 +300,8 @@ class BatchedValidation:
 
     def validate(self, batch: pd.DataFrame) -> ValidationOutcome:
         """The next ``batch`` of rows validated (its ``reason_rows`` index its own quarantined rows)."""
+        if self.shared_lines and self.summaries:
+            raise ValueError(f"{self.suite['name']}: rows sharing source lines (baskets) are validated in one batch")
         batch = batch.reset_index(drop=True)
         outcome = validate_entity(batch, self.suite, self.parameters, self.engine, cross_check_rows=0,
                                   personal=self.personal)
@@ -315,7 +318,7 @@ class BatchedValidation:
         if len(wanted):  # labelled by position in the whole, as the whole frame's sample is
             self.samples.append(batch.take(wanted - self.seen).set_axis(pd.Index(wanted)))
         self.seen = end
-        self.summaries.append(summarise(outcome))
+        self.summaries.append(summarise(outcome, self.shared_lines))
         if self.refers:
             self.tallies.append(cascade_tally(outcome, self.suite, self.parameters))
         return outcome
@@ -574,10 +577,9 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
             # line count, not (as when the whole table was validated before writing) from the valid line count.
             # It differs only when the quarantined lines cross a multiple of lines_per_partition (one part more
             # than the valid lines alone would ask for); never fewer, so a part still holds at most about
-            # lines_per_partition lines. A basket export (a basket's items share their source line, counted
-            # once over all rows) is validated in one batch.
+            # lines_per_partition lines.
             partitions = partition_count_for(rows)
-            batch_rows = rows if _shares_lines(mapping, entity) else get_settings().lines_per_partition
+            batch_rows = get_settings().lines_per_partition
             parameters = {**suite_parameters(run.as_of, options.earliest_date), **referential_parameters(outcomes)}
             written, results[entity] = _validate_lines(store, lines, mapping.source(entity), parameters, outcomes,
                                                        options, personal, key, batch_rows, partitions)
@@ -601,13 +603,14 @@ def _validate_lines(store: RunStore, ingested: ArtifactRef, source: EntitySource
     """Validate the ingested order lines ``batch_rows`` rows at a time (:class:`BatchedValidation`) and write each
     batch as it comes: its valid lines appended to their parts of ``partitions`` customer parts, its quarantined
     lines to the quarantine table. The tables hold the rows the whole-table validation would write, in input
-    order (each part: the input order filtered to the part)."""
+    order (each part: the input order filtered to the part). A basket export is validated in one batch."""
+    shared = source.format == "baskets"  # a basket's items share their line, counted once over all rows
     batched = BatchedValidation(load_suite("order_lines"), parameters, store.table_rows(ingested),
                                 engine=options.engine, cross_check_rows=options.cross_check_rows, personal=personal,
-                                upstream=upstream)
+                                upstream=upstream, shared_lines=shared)
     with (store.partitioned_writer("validated", "order_lines", partitions=partitions) as valid_parts,
           store.table_writer("quarantine", "order_lines") as quarantined):
-        for batch in store.read_batches(ingested, batch_rows):
+        for batch in [store.read_frame(ingested)] if shared else store.read_batches(ingested, batch_rows):
             outcome = publishable(batched.validate(batch), source, key)
             for index, piece in enumerate(split_table_by_customer(outcome.valid, partitions)):
                 valid_parts.append(index, piece)

@@ -21,6 +21,7 @@ from crm_analytics.partitions import split_table_by_customer
 from tasks.common import DataQualityError
 from tasks.suites import cross_check_positions
 from tasks.validate import (
+    BatchedValidation,
     _validate_lines,
     before_all_data,
     check_gates,
@@ -209,3 +210,20 @@ def test_an_empty_table_of_lines_is_one_empty_batch(tmp_path: Path):
     new_valid, new_quarantine, new = batched(RunStore(tmp_path / "new", AS_OF), frames, NO_CROSS_CHECK, 2, 3)
     assert_same_tables(old_valid, old_quarantine, new_valid, new_quarantine)
     assert validation_metrics(new, MAPPING, NO_CROSS_CHECK) == validation_metrics(old, MAPPING, NO_CROSS_CHECK)
+
+
+def test_rows_sharing_source_lines_are_validated_in_one_batch(tmp_path: Path):
+    """A basket's items share their source line, counted once over all rows: batches would count it twice."""
+    baskets = SourceMapping(entities={**MAPPING.entities, "order_lines": EntitySource(files="b.txt", format="baskets")})
+    frames = dirty_export()
+    outcomes = validate_all(frames, baskets, AS_OF, NO_CROSS_CHECK)
+    parameters = {**suite_parameters(AS_OF), **referential_parameters(outcomes)}
+    rows = len(frames["order_lines"])
+    one = BatchedValidation(load_suite("order_lines"), parameters, rows, cross_check_rows=0, upstream=outcomes,
+                            shared_lines=True)
+    one.validate(frames["order_lines"])
+    assert one.summary().lines_in == validation_metrics(outcomes, baskets, NO_CROSS_CHECK)["order_lines"]["lines_in"]
+    two = BatchedValidation(load_suite("order_lines"), parameters, rows, cross_check_rows=0, shared_lines=True)
+    two.validate(frames["order_lines"].iloc[:5])
+    with pytest.raises(ValueError, match="one batch"):
+        two.validate(frames["order_lines"].iloc[5:])
