@@ -229,6 +229,112 @@ class PruneDecision:
     complete: bool
 
 
+def _as_table(piece: pd.DataFrame | pa.Table, schema: pa.Schema | None) -> pa.Table:
+    if isinstance(piece, pa.Table):
+        return piece if schema is None else piece.cast(schema)
+    return pa.Table.from_pandas(piece, schema=schema, preserve_index=False)
+
+
+class PartitionedWriter:
+    """The parts of a partitioned table being written in a hidden folder (``RunStore.partitioned_writer``): a
+    part's file is open from its first non-empty piece until ``finish``; one schema for every part (the given
+    one, else the first non-empty piece's, which also shows the column types an empty pandas piece cannot)."""
+
+    def __init__(self, folder: Path, schema: pa.Schema | None, partitions: int | None):
+        self.folder, self.schema, self.partitions = folder, schema, partitions
+        self.pinned: pa.Schema | None = None  # the schema (with its pandas metadata) every part is written with
+        self.first_inferred: pa.Schema | None = None
+        self.writers: dict[int, pq.ParquetWriter] = {}
+        self.collected: dict[int, list] = {}
+        self.rows = 0
+        self.ref: ArtifactRef | None = None
+
+    def append(self, index: int, piece: pd.DataFrame | pa.Table) -> None:
+        """Add ``piece``'s rows at the end of part ``index``."""
+        table = _as_table(piece, self.schema)
+        self.first_inferred = table.schema if self.first_inferred is None else self.first_inferred
+        if self.pinned is None and self.schema is None and table.num_rows == 0:
+            return  # an empty part is written in finish, once a non-empty piece shows the columns' types
+        if self.pinned is None:
+            self.pinned = table.schema
+        elif not table.schema.equals(self.pinned, check_metadata=False):
+            table = table.cast(self.pinned)  # null-typed columns of an empty piece; anything else raises
+        if index not in self.writers:
+            if table.num_rows == 0:
+                return  # written in finish as an empty part, the same file as write_table of an empty table
+            self.collected[index] = []
+            self.writers[index] = pq.ParquetWriter(self.folder / part_name(index), self.pinned, compression="zstd",
+                                                   metadata_collector=self.collected[index])
+        if table.num_rows:
+            self.writers[index].write_table(table.replace_schema_metadata(self.pinned.metadata))
+            self.rows += table.num_rows
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def finish(self, stage: str, name: str, target: Path, sort_by: list[str] | None) -> None:
+        """Close the parts, write the empty ones and ``_metadata``; ``ref`` is the table once renamed to ``target``."""
+        if self.partitions is None or self.first_inferred is None:
+            raise ValueError(f"{stage}/{name}: a partitioned table needs at least one part")
+        if self.writers and max(self.writers) >= self.partitions:
+            raise ValueError(f"{stage}/{name}: part {max(self.writers)} of a table of {self.partitions} parts")
+        for writer in self.writers.values():
+            writer.close()
+        pinned = self.pinned or self.schema or self.first_inferred  # every part empty: their types are all there is
+        names = [part_name(index) for index in range(self.partitions)]
+        for index in range(self.partitions):
+            if index not in self.writers:
+                self.collected[index] = []
+                pq.write_table(pinned.empty_table(), self.folder / names[index], compression="zstd",
+                               metadata_collector=self.collected[index])
+            self.collected[index][0].set_file_path(names[index])
+        # The row order is also kept in the folder itself, for a reader that finds it by the layout.
+        described = pinned.with_metadata({**(pinned.metadata or {}), SORT_BY_KEY: json.dumps(sort_by)})
+        pq.write_metadata(described, self.folder / DATASET_METADATA,
+                          metadata_collector=[self.collected[i][0] for i in range(self.partitions)])
+        self.ref = ArtifactRef(stage=stage, name=name, path=str(target / DATASET_METADATA), kind="parquet",
+                               rows=self.rows, schema_fingerprint=schema_fingerprint(pinned),
+                               content_hash=dataset_hash(self.folder, names),
+                               bytes=sum((self.folder / n).stat().st_size for n in names), parts=names,
+                               sort_by=sort_by)
+
+
+class TableWriter:
+    """One Parquet file written piece by piece (``RunStore.table_writer``), with the first non-empty piece's
+    schema (an empty pandas piece cannot show its column types)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.writer: pq.ParquetWriter | None = None
+        self.schema: pa.Schema | None = None
+        self.first_inferred: pa.Schema | None = None
+        self.rows = 0
+        self.ref: ArtifactRef | None = None
+
+    def append(self, piece: pd.DataFrame | pa.Table) -> None:
+        table = _as_table(piece, None)
+        self.first_inferred = table.schema if self.first_inferred is None else self.first_inferred
+        if table.num_rows == 0:
+            return  # adds nothing (no empty row group)
+        if self.writer is None:
+            self.schema = table.schema
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+        elif not table.schema.equals(self.schema, check_metadata=False):
+            table = table.cast(self.schema)
+        self.writer.write_table(table.replace_schema_metadata(self.schema.metadata))
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        if self.writer is None:
+            if self.first_inferred is None:
+                raise ValueError(f"{self.path.name}: a table needs at least one piece, to know its columns")
+            self.schema = self.first_inferred  # every piece was empty: as write_frame of an empty frame
+            pq.write_table(self.schema.empty_table(), self.path, compression="zstd")
+            return
+        self.writer.close()
+
+
 class RunStore:
     """Reads and writes the artifacts of one run (one as-of date)."""
 
@@ -524,52 +630,51 @@ class RunStore:
         order the table has as one frame: each part must already be in it, and ``read_frame`` restores it
         over the parts. Empty parts are written too, so part ``i`` is always hash partition ``i``.
         """
-        target = self.path(stage, f"{name}.parquet")
-        names, collected, waiting, rows = [], [], [], 0
-        pinned: pa.Schema | None = None  # the schema (with its pandas metadata) every part is written with
-        first_inferred: pa.Schema | None = None
-        with atomic_folder(target) as folder:
-
-            def write(index: int, table: pa.Table) -> None:
-                names.append(part_name(index))
-                collected.append([])
-                pq.write_table(table, folder / names[-1], compression="zstd", metadata_collector=collected[-1])
-                collected[-1][0].set_file_path(names[-1])
-
-            for index, frame in enumerate(parts):
-                if isinstance(frame, pa.Table):
-                    table = frame if schema is None else frame.cast(schema)
-                else:
-                    table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-                first_inferred = table.schema if first_inferred is None else first_inferred
-                if pinned is None and schema is None and table.num_rows == 0:
-                    waiting.append(index)  # written below, once a non-empty part shows the columns' types
-                    continue
-                if pinned is None:
-                    pinned = table.schema
-                elif not table.schema.equals(pinned, check_metadata=False):
-                    table = table.cast(pinned)  # null-typed columns of an empty part; anything else raises
-                table = table.replace_schema_metadata(pinned.metadata)
-                for empty in waiting:
-                    write(empty, pinned.empty_table())
-                waiting = []
-                write(index, table)
-                rows += table.num_rows
-            if first_inferred is None:
+        with self.partitioned_writer(stage, name, schema, sort_by) as writer:
+            count = 0
+            for index, part in enumerate(parts):
+                writer.append(index, part)
+                count = index + 1
+            if count == 0:
                 raise ValueError(f"{stage}/{name}: a partitioned table needs at least one part")
-            pinned = pinned or first_inferred  # every part was empty: their inferred types are all there is
-            for empty in waiting:
-                write(empty, pinned.empty_table())
-            order = sorted(range(len(names)), key=names.__getitem__)  # zero-padded: name order is part order
-            names = [names[i] for i in order]
-            # The row order is also kept in the folder itself, for a reader that finds it by the layout.
-            described = pinned.with_metadata({**(pinned.metadata or {}), SORT_BY_KEY: json.dumps(sort_by)})
-            pq.write_metadata(described, folder / DATASET_METADATA, metadata_collector=[collected[i][0] for i in order])
-            content_hash = dataset_hash(folder, names)
-            size = sum((folder / n).stat().st_size for n in names)
-        return ArtifactRef(stage=stage, name=name, path=str(target / DATASET_METADATA), kind="parquet",
-                           rows=rows, schema_fingerprint=schema_fingerprint(pinned), content_hash=content_hash,
-                           bytes=size, parts=names, sort_by=sort_by)
+            writer.partitions = count
+        return writer.ref
+
+    @contextmanager
+    def partitioned_writer(self, stage: str, name: str, schema: pa.Schema | None = None,
+                           sort_by: list[str] | None = None,
+                           partitions: int | None = None) -> Iterator[PartitionedWriter]:
+        """A partitioned table written piece by piece: ``append(i, piece)`` adds rows at the end of part ``i``
+        (pieces of any part, in any order), so a stage can hold one batch of its input instead of the whole
+        table. The rules of :meth:`write_partitioned` hold (one schema, empty parts written, ``_metadata``, the
+        dataset hash, the folder renamed into place whole when the block succeeds); ``partitions`` (or the
+        writer's ``partitions``, set before the block ends) is the part count. ``writer.ref`` is the artifact
+        after the block."""
+        target = self.path(stage, f"{name}.parquet")
+        with atomic_folder(target) as folder:
+            writer = PartitionedWriter(folder, schema, partitions)
+            try:
+                yield writer
+            except BaseException:
+                writer.abort()
+                raise
+            writer.finish(stage, name, target, sort_by)
+
+    @contextmanager
+    def table_writer(self, stage: str, name: str) -> Iterator[TableWriter]:
+        """One Parquet table written piece by piece (``append``), renamed into place when the block succeeds: it
+        reads back as the concatenation of the pieces, as ``write_frame`` of that concatenation would (each
+        non-empty piece is a row group of its own, so the bytes differ). ``writer.ref`` is the artifact after
+        the block."""
+        target = self.path(stage, f"{name}.parquet")
+        with atomic_path(target) as tmp:
+            writer = TableWriter(tmp)
+            try:
+                yield writer
+            finally:
+                writer.close()
+        writer.ref = self._ref(stage, name, target, "parquet", rows=writer.rows,
+                               schema_fingerprint=schema_fingerprint(writer.schema))
 
     def write_json(self, stage: str, name: str, payload: Any) -> ArtifactRef:
         target = self.path(stage, f"{name}.json")
@@ -635,6 +740,28 @@ class RunStore:
             raise ValueError(f"artifact {ref.stage}/{ref.name} is {ref.kind}, not a table")
         for path in ref.part_files:
             yield pq.read_table(path, columns=columns).to_pandas()
+
+    @staticmethod
+    def read_batches(ref: ArtifactRef, batch_rows: int) -> Iterator[pd.DataFrame]:
+        """A table about ``batch_rows`` rows at a time (no more; fewer where a file or row group ends), in its
+        order; an empty table is one empty frame. How a stage holds a batch of a table that is not partitioned."""
+        if ref.kind != "parquet":
+            raise ValueError(f"artifact {ref.stage}/{ref.name} is {ref.kind}, not a table")
+        empty = True
+        for path in ref.part_files:
+            file = pq.ParquetFile(path)
+            for batch in file.iter_batches(batch_size=max(1, batch_rows)):
+                empty = False
+                yield pa.Table.from_batches([batch], schema=file.schema_arrow).to_pandas()
+        if empty:
+            yield pq.read_schema(ref.part_files[0]).empty_table().to_pandas()
+
+    @staticmethod
+    def table_rows(ref: ArtifactRef) -> int:
+        """A table's row count, from its ref or else its files' metadata (no rows read)."""
+        if ref.rows is not None:
+            return ref.rows
+        return sum(pq.read_metadata(path).num_rows for path in ref.part_files)
 
     @staticmethod
     def read_json(ref: ArtifactRef) -> Any:

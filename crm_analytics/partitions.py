@@ -13,8 +13,11 @@ Decisions:
 - The count follows the size: one part per ``lines_per_partition`` lines (1M by default, about 300 MB of a
   clean part in pandas), so memory is bounded by the part, not by the export. On Dask, at least
   ``dask_partitions`` parts, so a small export still spreads over the cluster.
-- The count is decided once, by validate's edge, from the validated line count; clean keeps its input's parts
-  (part ``i`` of the clean lines holds the same customers as part ``i`` of the validated lines).
+- The count is decided once, by validate's edge, from the ingested line count (valid or not: validate writes
+  each batch's valid lines into their parts as it goes, so it needs the count before it knows how many are
+  valid; when the quarantined lines cross a multiple of ``lines_per_partition`` that is one part more than the
+  valid lines alone ask for). Clean keeps its input's parts (part ``i`` of the clean lines holds the same
+  customers as part ``i`` of the validated lines).
 - A stage joining a part with a per-customer table (clean with the customers, features with the signup dates)
   joins it with the same partition of that table (``split_by_customer`` of it, with the same count), not with
   the whole: a lookup in 1/n of the customers instead of all of them for each of the n parts. That relies on

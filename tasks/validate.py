@@ -22,25 +22,31 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from crm_analytics.artifacts import StageResult
+from crm_analytics.artifacts import ArtifactRef, RunStore, StageResult
 from crm_analytics.frames import lines_covered
-from crm_analytics.mapping import SourceMapping, load_mapping, mapping_fingerprint
+from crm_analytics.mapping import EntitySource, SourceMapping, load_mapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec, ValidationOptions
 from crm_analytics.partitions import partition_count_for, split_table_by_customer
 from crm_analytics.privacy import ALWAYS_PERSONAL, pseudonym_key, pseudonymise
 from crm_analytics.reporting import markdown_table
 from crm_analytics.schema import ENTITIES, PARSE_ERRORS, QUARANTINE_REASON
+from crm_analytics.settings import get_settings
 from tasks.common import DataQualityError, stage_logger, stage_task
 from tasks.identity import with_match_keys
 from tasks.suites import (
     CROSS_CHECK_ROWS,
     REFERENCES,
+    UNIQUENESS_EXPECTATIONS,
     Engine,
+    compilable,
+    cross_check,
+    cross_check_positions,
     load_suite,
     origin_rows_passing,
     reason_of,
     row_failures,
     suite_parameters,
+    with_value_sets,
 )
 
 __all__ = ["ValidationOutcome", "cascade_summary", "check_gates", "check_quarantine_rate", "gate_failure",
@@ -55,6 +61,7 @@ SHOWN_CHARACTERS = 40
 CASCADE = "cascade"  # expectation meta: a failure quarantines the rows referring to this key (see REFERENCES)
 ENTITY_KEYS = {"customers": "customer_id", "products": "product_id"}
 ROW_NOUNS = {"order_lines": "lines", "churn_labels": "labels"}
+AFTER_AS_OF = " is after the as-of date"  # the suites' reason for a date past the as-of date, after its column
 
 
 class ValidationOutcome(NamedTuple):
@@ -135,6 +142,70 @@ def referential_parameters(outcomes: dict[str, ValidationOutcome]) -> dict[str, 
     return parameters
 
 
+class CascadeTally(NamedTuple):
+    """What :func:`cascade_summary` counts of quarantined rows, mergeable over batches of an entity's rows."""
+
+    taken: dict[str, tuple[int, pd.Index]]  # cascade reason -> rows it took (failing none of their own), their keys
+    other: Counter  # reason -> rows of it that no cascade took
+    other_rows: int  # rows that no cascade took
+
+
+def _cascades(suite: dict[str, Any], parameters: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Cascade reason -> (the entity it refers to, the referring column)."""
+    return {reason_of(e, parameters): (e["meta"][REFERENCES], e["kwargs"]["column"])
+            for e in suite["expectations"] if (e.get("meta") or {}).get(CASCADE)}
+
+
+def cascade_tally(outcome: ValidationOutcome, suite: dict[str, Any], parameters: dict[str, Any]) -> CascadeTally:
+    """The rows and keys each cascade took in ``outcome``, and the other quarantined rows by reason."""
+    rows = outcome.reason_rows or {}
+    quarantined = len(outcome.quarantine)
+    own = np.zeros(quarantined, dtype=bool)
+    cascades = _cascades(suite, parameters)
+    for reason, hit in rows.items():
+        if reason not in cascades:
+            own |= hit
+    taken: dict[str, tuple[int, pd.Index]] = {}
+    cascaded = np.zeros(quarantined, dtype=bool)
+    for reason, (_, column) in cascades.items():
+        took = rows.get(reason, np.zeros(quarantined, dtype=bool)) & ~own
+        cascaded |= took
+        taken[reason] = (int(took.sum()), pd.Index(outcome.quarantine[column][took].dropna().unique()))
+    other = Counter({reason: int((hit & ~cascaded).sum()) for reason, hit in rows.items()})
+    return CascadeTally(taken, other, int((~cascaded).sum()))
+
+
+def merged_cascade_tallies(tallies: list[CascadeTally], reason_order: list[str]) -> CascadeTally:
+    """The tally of the rows of all ``tallies`` (batches of one entity): rows add up, keys are the distinct keys
+    of all batches; ``other`` lists its reasons in ``reason_order`` (the order one whole frame gives them)."""
+    taken: dict[str, tuple[int, pd.Index]] = {}
+    for tally in tallies:
+        for reason, (rows, keys) in tally.taken.items():
+            before_rows, before_keys = taken.get(reason, (0, pd.Index([])))
+            taken[reason] = (before_rows + rows, before_keys.append(keys).unique() if len(keys) else before_keys)
+    return CascadeTally(taken, in_reason_order(sum_counts(t.other for t in tallies), reason_order),
+                        sum(t.other_rows for t in tallies))
+
+
+def cascade_from_tally(tally: CascadeTally, suite: dict[str, Any], upstream: dict[str, ValidationOutcome],
+                       parameters: dict[str, Any]) -> dict[str, Any]:
+    """:func:`cascade_summary` of the rows ``tally`` counted."""
+    summary: dict[str, Any] = {}
+    for reason, (entity, _) in _cascades(suite, parameters).items():
+        rows, keys = tally.taken.get(reason, (0, pd.Index([])))
+        if not rows:
+            continue
+        source = upstream[entity]
+        source_keys = source.quarantine[ENTITY_KEYS[entity]]
+        causes = Counter({r: int(keys.isin(source_keys[hit].dropna().unique()).sum())
+                          for r, hit in (source.reason_rows or {}).items()})
+        summary[entity] = {"rows": rows, "keys": len(keys), "reasons": {r: n for r, n in causes.most_common() if n}}
+    if not summary:
+        return summary  # nothing cascaded: the reason counts say it all
+    summary["other"] = {"rows": tally.other_rows, "reasons": {r: n for r, n in tally.other.most_common() if n}}
+    return summary
+
+
 def cascade_summary(outcome: ValidationOutcome, suite: dict[str, Any], upstream: dict[str, ValidationOutcome],
                     parameters: dict[str, Any]) -> dict[str, Any]:
     """How many quarantined rows each upstream entity's quarantine took, and what else quarantined rows.
@@ -146,45 +217,41 @@ def cascade_summary(outcome: ValidationOutcome, suite: dict[str, Any], upstream:
     key with two reasons counts in both). ``other`` is every other quarantined row, by its reasons. Empty when
     no upstream quarantine took any row.
     """
-    rows = outcome.reason_rows or {}
-    cascades = {reason_of(e, parameters): (e["meta"][REFERENCES], e["kwargs"]["column"])
-                for e in suite["expectations"] if (e.get("meta") or {}).get(CASCADE)}
-    quarantined = len(outcome.quarantine)
-    own = np.zeros(quarantined, dtype=bool)
-    for reason, hit in rows.items():
-        if reason not in cascades:
-            own |= hit
-    summary: dict[str, Any] = {}
-    cascaded = np.zeros(quarantined, dtype=bool)
-    for reason, (entity, column) in cascades.items():
-        taken = rows.get(reason, np.zeros(quarantined, dtype=bool)) & ~own
-        if not taken.any():
-            continue
-        cascaded |= taken
-        keys = pd.Index(outcome.quarantine[column][taken].dropna().unique())
-        source = upstream[entity]
-        source_keys = source.quarantine[ENTITY_KEYS[entity]]
-        causes = Counter({r: int(keys.isin(source_keys[hit].dropna().unique()).sum())
-                          for r, hit in (source.reason_rows or {}).items()})
-        summary[entity] = {"rows": int(taken.sum()), "keys": len(keys),
-                           "reasons": {r: n for r, n in causes.most_common() if n}}
-    if not summary:
-        return summary  # nothing cascaded: the reason counts say it all
-    other = Counter({reason: int((hit & ~cascaded).sum()) for reason, hit in rows.items()})
-    summary["other"] = {"rows": int((~cascaded).sum()), "reasons": {r: n for r, n in other.most_common() if n}}
-    return summary
+    return cascade_from_tally(cascade_tally(outcome, suite, parameters), suite, upstream, parameters)
+
+
+def sum_counts(counters: Any) -> Counter:
+    """Counts added up, zeros kept (``Counter.__add__`` drops them), reasons in order of first appearance."""
+    total: Counter = Counter()
+    for counts in counters:
+        for reason, count in counts.items():
+            total[reason] += count
+    return total
+
+
+def in_reason_order(counts: Counter, reason_order: list[str]) -> Counter:
+    """``counts`` with its reasons in ``reason_order`` (unlisted ones after, as they come): ``most_common`` breaks
+    ties by this order, so batches list tied reasons as one whole frame would."""
+    rank = {reason: i for i, reason in enumerate(reason_order)}
+    return Counter(dict(sorted(counts.items(), key=lambda item: rank.get(item[0], len(rank)))))
+
+
+def personal_columns(entities: Collection[str], mapping: SourceMapping) -> list[str]:
+    """The columns no reason shows a value of. A column personal in one entity is personal in all: customer_id
+    declared pii in customers (ids that are e-mail addresses) must not show in the reasons of the order lines
+    that refer to it."""
+    return sorted({column for entity in entities for column in mapping.source(entity).pii})
 
 
 def validate_all(frames: dict[str, pd.DataFrame], mapping: SourceMapping, as_of: date,
-                 options: ValidationOptions) -> dict[str, ValidationOutcome]:
+                 options: ValidationOptions, personal: Collection[str] | None = None) -> dict[str, ValidationOutcome]:
     """Validate customers and products first, then order lines and labels against their keys; no IO.
 
-    ``rows in = valid + quarantined`` holds per entity (an AssertionError otherwise).
+    ``rows in = valid + quarantined`` holds per entity (an AssertionError otherwise). ``personal``: see
+    :func:`personal_columns` (by default, those of the entities of ``frames``).
     """
     base = suite_parameters(as_of, options.earliest_date)
-    # A column personal in one entity is personal in all: customer_id declared pii in customers (ids that are
-    # e-mail addresses) must not show in the reasons of the order lines that refer to it.
-    personal = sorted({column for entity in frames for column in mapping.source(entity).pii})
+    personal = personal_columns(frames, mapping) if personal is None else personal
     outcomes: dict[str, ValidationOutcome] = {}
     for entity in [e for e in ENTITIES if e in frames]:
         frame, suite = frames[entity], load_suite(entity)
@@ -201,26 +268,154 @@ def validate_all(frames: dict[str, pd.DataFrame], mapping: SourceMapping, as_of:
     return outcomes
 
 
+class BatchedValidation:
+    """One entity validated batch by batch, with the verdicts, metrics and cross-check of ``validate_entity`` on
+    the whole frame, holding one batch at a time: ``validate`` each batch in order, then ``summary``.
+
+    Exact only for a row-wise suite: no uniqueness expectation (a row's verdict depends on its row alone) and no
+    rows sharing a source line (baskets count each line once over all rows); it refuses either. Rows in, valid,
+    quarantined, lines and reasons add up over the batches, the cascade's keys are merged as keys (one key in
+    two batches counts once), and GX cross-checks once, at the end, the very rows it would sample of the whole
+    frame (gathered from the batches as they pass: ``cross_check_positions``). A suite with expectations GX
+    must evaluate itself (none of the order lines' today) runs GX on every batch.
+    """
+
+    def __init__(self, suite: dict[str, Any], parameters: dict[str, Any], rows: int, *,
+                 engine: Engine = "compiled", cross_check_rows: int = CROSS_CHECK_ROWS,
+                 personal: Collection[str] = (), upstream: dict[str, ValidationOutcome] | None = None,
+                 shared_lines: bool = False):
+        if any(e["type"] in UNIQUENESS_EXPECTATIONS for e in suite["expectations"]):
+            raise ValueError(f"suite {suite['name']!r} checks uniqueness: its rows cannot be validated in batches")
+        self.suite, self.rows = suite, rows
+        self.parameters = with_value_sets(parameters)  # the known ids: converted to Arrow once, not per batch
+        self.engine, self.cross_check_rows, self.personal = engine, cross_check_rows, personal
+        self.upstream, self.shared_lines = upstream, shared_lines
+        self.refers = any(REFERENCES in (e.get("meta") or {}) for e in suite["expectations"])
+        self.sampled = cross_check_positions(rows, cross_check_rows) if engine == "compiled" else np.zeros(0, int)
+        self.samples: list[pd.DataFrame] = []
+        self.seen = 0
+        self.summaries: list[EntitySummary] = []
+        self.tallies: list[CascadeTally] = []
+        self.reason_order: list[str] | None = None
+
+    def validate(self, batch: pd.DataFrame) -> ValidationOutcome:
+        """The next ``batch`` of rows validated (its ``reason_rows`` index its own quarantined rows)."""
+        if self.shared_lines and self.summaries:
+            raise ValueError(f"{self.suite['name']}: rows sharing source lines (baskets) are validated in one batch")
+        batch = batch.reset_index(drop=True)
+        outcome = validate_entity(batch, self.suite, self.parameters, self.engine, cross_check_rows=0,
+                                  personal=self.personal)
+        if len(batch) != len(outcome.valid) + len(outcome.quarantine):
+            raise AssertionError(f"{self.suite['name']}: {len(batch)} rows in but {len(outcome.valid)} valid + "
+                                 f"{len(outcome.quarantine)} quarantined")
+        if self.reason_order is None:  # the order validate_entity lists reasons in: compiled, then GX's
+            expectations = self.suite["expectations"]
+            evaluated = ([e for e in expectations if compilable(e, batch)] if self.engine == "compiled" else [])
+            evaluated += [e for e in expectations if e not in evaluated]
+            self.reason_order = list(dict.fromkeys(reason_of(e, self.parameters) for e in evaluated))
+        end = self.seen + len(batch)
+        wanted = self.sampled[(self.sampled >= self.seen) & (self.sampled < end)]
+        if len(wanted):  # labelled by position in the whole, as the whole frame's sample is
+            self.samples.append(batch.take(wanted - self.seen).set_axis(pd.Index(wanted)))
+        self.seen = end
+        self.summaries.append(summarise(outcome, self.shared_lines))
+        if self.refers:
+            self.tallies.append(cascade_tally(outcome, self.suite, self.parameters))
+        return outcome
+
+    def summary(self) -> EntitySummary:
+        """The whole entity's summary; cross-checks the compiled masks against GX on the sampled rows first."""
+        if self.seen != self.rows:
+            raise AssertionError(f"{self.suite['name']}: {self.seen} rows validated of {self.rows}")
+        if not self.summaries:
+            raise ValueError(f"{self.suite['name']}: no batch was validated (an empty table is one empty batch)")
+        evaluation = dict(self.summaries[0].evaluation)
+        if self.samples:
+            sample = pd.concat(self.samples)
+            self.samples = []
+            compiled = [e for e in self.suite["expectations"] if compilable(e, sample)]
+            evaluation["cross_checked_rows"] = cross_check(sample, self.suite, compiled, self.parameters, len(sample))
+        order = self.reason_order or []
+        counts = in_reason_order(sum_counts(s.reason_counts for s in self.summaries), order)
+        earliest: dict[str, Any] = {}
+        for summary in self.summaries:  # the earliest of each batch's earliest (NaT: a batch had no date)
+            for column, value in summary.earliest.items():
+                if column not in earliest or (not pd.isna(value) and (pd.isna(earliest[column])
+                                                                      or value < earliest[column])):
+                    earliest[column] = value
+        cascade = None
+        if self.refers:
+            cascade = cascade_from_tally(merged_cascade_tallies(self.tallies, order), self.suite,
+                                         self.upstream or {}, self.parameters)
+        return EntitySummary(
+            valid=sum(s.valid for s in self.summaries), quarantined=sum(s.quarantined for s in self.summaries),
+            lines_in=sum(s.lines_in for s in self.summaries),
+            lines_quarantined=sum(s.lines_quarantined for s in self.summaries),
+            reason_counts={reason: count for reason, count in counts.most_common() if count},
+            evaluation=evaluation, cascade=cascade, earliest=earliest)
+
+
+def publishable(outcome: ValidationOutcome, source: EntitySource, key: bytes) -> ValidationOutcome:
+    """An outcome (or a batch's) as written: the entity's personal columns replaced by their keyed pseudonyms
+    (valid customers also get the pseudonyms of their normalised identity keys, see ``tasks.identity``); row by
+    row, so a batch's rows are published as they would be in the whole frame."""
+    return outcome._replace(valid=pseudonymise(with_match_keys(outcome.valid, source, key), source.pii, key),
+                            quarantine=pseudonymise(outcome.quarantine, source.pii, key))
+
+
 def publishable_outcomes(outcomes: dict[str, ValidationOutcome], mapping: SourceMapping,
                          key: bytes) -> dict[str, ValidationOutcome]:
-    """The outcomes as written: each entity's personal columns replaced by their keyed pseudonyms (valid customers
-    also get the pseudonyms of their normalised identity keys, see ``tasks.identity``)."""
-    return {entity: outcome._replace(valid=pseudonymise(with_match_keys(outcome.valid, mapping.source(entity), key),
-                                                        mapping.source(entity).pii, key),
-                                     quarantine=pseudonymise(outcome.quarantine, mapping.source(entity).pii, key))
-            for entity, outcome in outcomes.items()}
+    """The outcomes as written (:func:`publishable`)."""
+    return {entity: publishable(outcome, mapping.source(entity), key) for entity, outcome in outcomes.items()}
 
 
-def validation_metrics(outcomes: dict[str, ValidationOutcome], mapping: SourceMapping,
+class EntitySummary(NamedTuple):
+    """What the metrics and the gate need of an entity's outcome, without its rows: from one outcome
+    (:func:`summarise`) or merged over the batches of an entity validated in batches (:class:`BatchedValidation`)."""
+
+    valid: int
+    quarantined: int
+    lines_in: int
+    lines_quarantined: int
+    reason_counts: dict[str, int]
+    evaluation: dict[str, Any]
+    cascade: dict[str, Any] | None
+    # Column -> its earliest value among the quarantined rows, for each "<column> is after the as-of date" reason
+    # (see before_all_data).
+    earliest: dict[str, Any]
+
+
+def summarise(outcome: ValidationOutcome, shared_lines: bool = False) -> EntitySummary:
+    """``outcome``'s counts; ``shared_lines``: rows may share a source line (see ``lines_covered``)."""
+    after = [reason.removesuffix(AFTER_AS_OF) for reason in outcome.reason_counts if reason.endswith(AFTER_AS_OF)]
+    return EntitySummary(
+        valid=len(outcome.valid), quarantined=len(outcome.quarantine),
+        lines_in=lines_covered(outcome.valid, outcome.quarantine, shared_lines=shared_lines),
+        lines_quarantined=lines_covered(outcome.quarantine, shared_lines=shared_lines),
+        reason_counts=outcome.reason_counts, evaluation=outcome.evaluation, cascade=outcome.cascade,
+        earliest={column: outcome.quarantine[column].min() for column in after
+                  if column in outcome.quarantine.columns})
+
+
+def _summary(entity: str, outcome: ValidationOutcome | EntitySummary, mapping: SourceMapping) -> EntitySummary:
+    if isinstance(outcome, EntitySummary):
+        return outcome
+    return summarise(outcome, shared_lines=_shares_lines(mapping, entity))
+
+
+def _shares_lines(mapping: SourceMapping, entity: str) -> bool:
+    return mapping.source(entity).format == "baskets"  # a basket's items share its line
+
+
+def validation_metrics(outcomes: dict[str, ValidationOutcome | EntitySummary], mapping: SourceMapping,
                        options: ValidationOptions) -> dict[str, dict[str, Any]]:
     """Per entity: rows in, valid, quarantined, rate, allowed rate, reasons, the cascade and the evaluation."""
     metrics = {}
     for entity, outcome in outcomes.items():
-        valid, quarantined = len(outcome.valid), len(outcome.quarantine)
+        summary = _summary(entity, outcome, mapping)
+        valid, quarantined = summary.valid, summary.quarantined
         rows_in = valid + quarantined
-        shared = mapping.source(entity).format == "baskets"  # a basket's items share its line
-        lines_in = lines_covered(outcome.valid, outcome.quarantine, shared_lines=shared)
-        lines_quarantined = lines_covered(outcome.quarantine, shared_lines=shared)
+        lines_in, lines_quarantined = summary.lines_in, summary.lines_quarantined
         metrics[entity] = {
             "rows_in": rows_in,
             "valid": valid,
@@ -232,9 +427,9 @@ def validation_metrics(outcomes: dict[str, ValidationOutcome], mapping: SourceMa
             "quarantine_rate": round(max(quarantined / rows_in if rows_in else 0.0,
                                          lines_quarantined / lines_in if lines_in else 0.0), 6),
             "max_quarantine_rate": mapping.quality.max_quarantine_rate.get(entity, options.max_quarantine_rate),
-            "reasons": outcome.reason_counts,
-            **({"cascade": outcome.cascade} if outcome.cascade is not None else {}),
-            "evaluation": outcome.evaluation,
+            "reasons": summary.reason_counts,
+            **({"cascade": summary.cascade} if summary.cascade is not None else {}),
+            "evaluation": summary.evaluation,
         }
     return metrics
 
@@ -299,26 +494,25 @@ def check_quarantine_rate(entity: str, rows_in: int, quarantined: int, reason_co
     return quarantined / rows_in if rows_in else 0.0
 
 
-AFTER_AS_OF = " is after the as-of date"  # the suites' reason for a date past the as-of date, after its column
-
-
-def before_all_data(outcomes: dict[str, ValidationOutcome], as_of: date) -> str | None:
+def before_all_data(outcomes: dict[str, ValidationOutcome | EntitySummary], as_of: date) -> str | None:
     """"the as-of date is before all the data" when every row of an entity is dated after it (a mistyped
     ``--as-of``): said plainly instead of as a 100 % quarantine."""
     for entity, outcome in outcomes.items():
-        rows = len(outcome.valid) + len(outcome.quarantine)
-        for reason, count in outcome.reason_counts.items():
+        summary = outcome if isinstance(outcome, EntitySummary) else summarise(outcome)  # lines play no part
+        rows = summary.valid + summary.quarantined
+        for reason, count in summary.reason_counts.items():
             column = reason.removesuffix(AFTER_AS_OF)
-            if rows and count == rows and reason.endswith(AFTER_AS_OF) and column in outcome.quarantine.columns:
-                earliest = outcome.quarantine[column].min()
+            if rows and count == rows and reason.endswith(AFTER_AS_OF) and column in summary.earliest:
+                earliest = summary.earliest[column]
                 return (f"data-quality gate: the as-of date {as_of} is before all the data: every one of the "
                         f"{rows:,} {entity} rows has {column} after it (the earliest is {earliest.date()}); "
                         "choose a later as-of date")
     return None
 
 
-def check_gates(outcomes: dict[str, ValidationOutcome], mapping: SourceMapping, options: ValidationOptions,
-                as_of: date | None = None, metrics: dict[str, dict[str, Any]] | None = None) -> None:
+def check_gates(outcomes: dict[str, ValidationOutcome | EntitySummary], mapping: SourceMapping,
+                options: ValidationOptions, as_of: date | None = None,
+                metrics: dict[str, dict[str, Any]] | None = None) -> None:
     """The data-quality gate: every entity over its allowed rate is named in one line, so a cascade from
     quarantined customers is told together with the customers' own reasons. ``metrics``: the outcomes'
     :func:`validation_metrics` when the caller has them already."""
@@ -362,21 +556,64 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
 
     Personal columns are pseudonymised in everything this stage writes (validated and quarantined rows);
     the raw values stay in ``raw/`` only. The valid order lines are written split by customer
-    (``crm_analytics.partitions``), so that clean and features can hold one part at a time.
+    (``crm_analytics.partitions``), so that clean and features can hold one part at a time; they are also
+    validated a batch at a time (:func:`_validate_lines`), so this stage holds one batch of them, not the table.
     """
     log = stage_logger()
     store = run.store
     mapping = load_mapping(mapping_name)
-    frames = {entity: store.read_frame(ingested.ref(entity)) for entity in ENTITIES if entity in ingested.artifacts}
-    outcomes = validate_all(frames, mapping, run.as_of, options)
-    artifacts = {}
-    for entity, outcome in publishable_outcomes(outcomes, mapping, pseudonym_key(run.data_root)).items():
-        artifacts[entity] = (store.write_frame("validated", entity, outcome.valid) if entity != "order_lines" else
-                             store.write_partitioned("validated", entity, split_table_by_customer(
-                                 outcome.valid, partition_count_for(len(outcome.valid)))))
-        artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity, outcome.quarantine)
-        log.info("validated %s: %d valid, %d quarantined", entity, len(outcome.valid), len(outcome.quarantine))
-    metrics = validation_metrics(outcomes, mapping, options)
-    check_gates(outcomes, mapping, options, run.as_of, metrics)
+    entities = [entity for entity in ENTITIES if entity in ingested.artifacts]
+    personal = personal_columns(entities, mapping)
+    key = pseudonym_key(run.data_root)
+    frames = {entity: store.read_frame(ingested.ref(entity)) for entity in entities if entity != "order_lines"}
+    outcomes = validate_all(frames, mapping, run.as_of, options, personal)  # the order lines refer to none of them
+    del frames
+    artifacts, results = {}, {}
+    for entity in entities:
+        if entity == "order_lines":
+            lines = ingested.ref(entity)
+            rows = store.table_rows(lines)
+            # The part count must be known before the first line is written, so it is decided from the ingested
+            # line count, not (as when the whole table was validated before writing) from the valid line count.
+            # It differs only when the quarantined lines cross a multiple of lines_per_partition (one part more
+            # than the valid lines alone would ask for); never fewer, so a part still holds at most about
+            # lines_per_partition lines.
+            partitions = partition_count_for(rows)
+            batch_rows = get_settings().lines_per_partition
+            parameters = {**suite_parameters(run.as_of, options.earliest_date), **referential_parameters(outcomes)}
+            written, results[entity] = _validate_lines(store, lines, mapping.source(entity), parameters, outcomes,
+                                                       options, personal, key, batch_rows, partitions)
+            artifacts.update(written)
+        else:
+            outcome = publishable(outcomes[entity], mapping.source(entity), key)
+            artifacts[entity] = store.write_frame("validated", entity, outcome.valid)
+            artifacts[f"quarantine_{entity}"] = store.write_frame("quarantine", entity, outcome.quarantine)
+            results[entity] = outcomes[entity]
+        log.info("validated %s: %d valid, %d quarantined", entity, artifacts[entity].rows,
+                 artifacts[f"quarantine_{entity}"].rows)
+    metrics = validation_metrics(results, mapping, options)
+    check_gates(results, mapping, options, run.as_of, metrics)
     return StageResult(stage="validate", artifacts=artifacts, metrics={"entities": metrics},
                        report_section=quality_section(metrics))
+
+
+def _validate_lines(store: RunStore, ingested: ArtifactRef, source: EntitySource, parameters: dict[str, Any],
+                    upstream: dict[str, ValidationOutcome], options: ValidationOptions, personal: Collection[str],
+                    key: bytes, batch_rows: int, partitions: int) -> tuple[dict[str, ArtifactRef], EntitySummary]:
+    """Validate the ingested order lines ``batch_rows`` rows at a time (:class:`BatchedValidation`) and write each
+    batch as it comes: its valid lines appended to their parts of ``partitions`` customer parts, its quarantined
+    lines to the quarantine table. The tables hold the rows the whole-table validation would write, in input
+    order (each part: the input order filtered to the part). A basket export is validated in one batch."""
+    shared = source.format == "baskets"  # a basket's items share their line, counted once over all rows
+    batched = BatchedValidation(load_suite("order_lines"), parameters, store.table_rows(ingested),
+                                engine=options.engine, cross_check_rows=options.cross_check_rows, personal=personal,
+                                upstream=upstream, shared_lines=shared)
+    with (store.partitioned_writer("validated", "order_lines", partitions=partitions) as valid_parts,
+          store.table_writer("quarantine", "order_lines") as quarantined):
+        for batch in [store.read_frame(ingested)] if shared else store.read_batches(ingested, batch_rows):
+            outcome = publishable(batched.validate(batch), source, key)
+            for index, piece in enumerate(split_table_by_customer(outcome.valid, partitions)):
+                valid_parts.append(index, piece)
+            quarantined.append(outcome.quarantine)
+        summary = batched.summary()  # in the block: a failed cross-check writes neither table
+    return {"order_lines": valid_parts.ref, "quarantine_order_lines": quarantined.ref}, summary
