@@ -300,39 +300,60 @@ class PartitionedWriter:
                                sort_by=sort_by)
 
 
-class TableWriter:
-    """One Parquet file written piece by piece (``RunStore.table_writer``), with the first non-empty piece's
-    schema (an empty pandas piece cannot show its column types)."""
+ROW_GROUP_ROWS = 1 << 20  # pq.write_table's default row group: a table written piece by piece gets a whole write's
 
-    def __init__(self, path: Path):
-        self.path = path
+
+class TableWriter:
+    """One Parquet file written piece by piece (``RunStore.table_writer``), in row groups of ``ROW_GROUP_ROWS``
+    rows as ``pq.write_table`` cuts one whole table, so the file holds the same bytes as a write of the pieces'
+    concatenation. One schema: ``schema`` if given (or set before the first piece), else the first non-empty
+    piece's (an empty pandas piece cannot show its column types); other pieces are cast to it."""
+
+    def __init__(self, path: Path, schema: pa.Schema | None = None):
+        self.path, self.schema = path, schema
         self.writer: pq.ParquetWriter | None = None
-        self.schema: pa.Schema | None = None
         self.first_inferred: pa.Schema | None = None
+        self.pending: list[pa.Table] = []
+        self.buffered = 0
         self.rows = 0
+        self.closed = False
         self.ref: ArtifactRef | None = None
 
     def append(self, piece: pd.DataFrame | pa.Table) -> None:
         table = _as_table(piece, None)
         self.first_inferred = table.schema if self.first_inferred is None else self.first_inferred
         if table.num_rows == 0:
-            return  # adds nothing (no empty row group)
-        if self.writer is None:
+            return  # adds nothing; an all-empty table is written by close
+        if self.schema is None:
             self.schema = table.schema
-            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
-        elif not table.schema.equals(self.schema, check_metadata=False):
-            table = table.cast(self.schema)
-        self.writer.write_table(table.replace_schema_metadata(self.schema.metadata))
-        self.rows += table.num_rows
-
-    def close(self) -> None:
+        if not table.schema.equals(self.schema, check_metadata=False):
+            table = table.cast(self.schema)  # e.g. a column all null in one piece; anything else raises
         if self.writer is None:
-            if self.first_inferred is None:
-                raise ValueError(f"{self.path.name}: a table needs at least one piece, to know its columns")
-            self.schema = self.first_inferred  # every piece was empty: as write_frame of an empty frame
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+        self.pending.append(table.replace_schema_metadata(self.schema.metadata))
+        self.buffered += table.num_rows
+        self.rows += table.num_rows
+        while self.buffered >= ROW_GROUP_ROWS:
+            held = pa.concat_tables(self.pending)
+            self.writer.write_table(held.slice(0, ROW_GROUP_ROWS), row_group_size=ROW_GROUP_ROWS)
+            rest = held.slice(ROW_GROUP_ROWS)
+            self.pending, self.buffered = [rest], rest.num_rows
+
+    def close(self) -> tuple[int, pa.Schema]:
+        """Write the last row group and close the file (again: nothing); the rows and schema written."""
+        if self.closed:
+            return self.rows, self.schema
+        if self.writer is None:
+            self.schema = self.schema or self.first_inferred  # every piece was empty: as write_frame of one
+            if self.schema is None:
+                raise ValueError(f"{self.path.name}: a table needs a schema or at least one piece")
             pq.write_table(self.schema.empty_table(), self.path, compression="zstd")
-            return
-        self.writer.close()
+        else:
+            if self.buffered:
+                self.writer.write_table(pa.concat_tables(self.pending), row_group_size=ROW_GROUP_ROWS)
+            self.writer.close()
+        self.pending, self.closed = [], True
+        return self.rows, self.schema
 
 
 class RunStore:
@@ -612,14 +633,6 @@ class RunStore:
             stage, name, target, "parquet", rows=table.num_rows, schema_fingerprint=schema_fingerprint(table.schema)
         )
 
-    def write_table_with(self, stage: str, name: str, writer: Callable[[Path], tuple[int, pa.Schema]]) -> ArtifactRef:
-        """Write a table with a caller's writer (e.g. one streaming row groups) atomically; ``writer`` writes the
-        Parquet file at the path it is given and returns its rows and schema. An error in it leaves no file."""
-        target = self.path(stage, f"{name}.parquet")
-        with atomic_path(target) as tmp:
-            rows, schema = writer(tmp)
-        return self._ref(stage, name, target, "parquet", rows=rows, schema_fingerprint=schema_fingerprint(schema))
-
     def write_partitioned(self, stage: str, name: str, parts: Iterable[pd.DataFrame | pa.Table],
                           schema: pa.Schema | None = None, sort_by: list[str] | None = None) -> ArtifactRef:
         """Write a table as a folder of parts, each written as ``parts`` yields it (the caller holds one part at a
@@ -661,18 +674,21 @@ class RunStore:
             writer.finish(stage, name, target, sort_by)
 
     @contextmanager
-    def table_writer(self, stage: str, name: str) -> Iterator[TableWriter]:
-        """One Parquet table written piece by piece (``append``), renamed into place when the block succeeds: it
-        reads back as the concatenation of the pieces, as ``write_frame`` of that concatenation would (each
-        non-empty piece is a row group of its own, so the bytes differ). ``writer.ref`` is the artifact after
-        the block."""
+    def table_writer(self, stage: str, name: str, schema: pa.Schema | None = None) -> Iterator[TableWriter]:
+        """One Parquet table written piece by piece (``append``), renamed into place when the block succeeds (an
+        error leaves no file): the same file as ``write_frame`` of the pieces' concatenation. Inside the block,
+        ``close()`` finishes the file early, e.g. to read rows back from ``writer.path``; ``writer.ref`` is the
+        artifact after the block."""
         target = self.path(stage, f"{name}.parquet")
         with atomic_path(target) as tmp:
-            writer = TableWriter(tmp)
+            writer = TableWriter(tmp, schema)
             try:
                 yield writer
-            finally:
-                writer.close()
+            except BaseException:
+                if writer.writer is not None and not writer.closed:
+                    writer.writer.close()  # the file is removed with the error; the error is the caller's
+                raise
+            writer.close()
         writer.ref = self._ref(stage, name, target, "parquet", rows=writer.rows,
                                schema_fingerprint=schema_fingerprint(writer.schema))
 

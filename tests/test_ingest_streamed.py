@@ -47,10 +47,12 @@ def _landing(tmp_path, days=DAYS, header=HEADER, final_newline_on=("2025-01-01",
 @pytest.fixture(params=[(1 << 20, 1 << 25), (1, 1), (2, 40), (3, 200), (7, 1)], ids=lambda p: f"rg{p[0]}-b{p[1]}")
 def sizes(request, monkeypatch):
     """Row groups of 1, 2, 3, 7 rows (and the default), files parsed one by one or a few at a time."""
+    import crm_analytics.artifacts as artifacts
     import tasks.ingest.stage as stage
     import tasks.ingest.streamed as streamed
 
     rows, batch = request.param
+    monkeypatch.setattr(artifacts, "ROW_GROUP_ROWS", rows)
     monkeypatch.setattr(streamed, "ROW_GROUP_ROWS", rows)
     monkeypatch.setattr(stage, "ROW_GROUP_ROWS", rows)
     monkeypatch.setattr(stage, "BATCH_BYTES", batch)

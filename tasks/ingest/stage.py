@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from crm_analytics.artifacts import ArtifactRef, RunStore, StageResult
+from crm_analytics.artifacts import ROW_GROUP_ROWS, ArtifactRef, RunStore, StageResult, TableWriter
 from crm_analytics.distributed import executor_metrics, partition_count, stage_client
 from crm_analytics.errors import PersonalDataError
 from crm_analytics.frames import exact_duplicate_rows, lines_covered
@@ -47,11 +47,9 @@ from tasks.ingest.lookups import (
 from tasks.ingest.parse import empty_entity, parse_entity
 from tasks.ingest.sources import read_files, read_query
 from tasks.ingest.streamed import (
-    ROW_GROUP_ROWS,
     AppendedCopies,
     EvenSample,
     HashedCopies,
-    RowGroupWriter,
     Tally,
     present_values,
 )
@@ -256,10 +254,10 @@ def stream_entity(store: RunStore, entity: str, mapping: SourceMapping, landing:
     else:
         new_files, record = files, {"mode": "full", "files": file_states(files)}
 
-    def write_incremental(path: Path) -> tuple[int, pa.Schema]:
+    def write_incremental(writer: TableWriter) -> None:
         new = parse_files(entity, mapping, landing, as_of, new_files) if new_files else None
         prefix = known_prefix(previous, "incremental")
-        writer, hashed, appended, samples = RowGroupWriter(path), None, None, {}
+        hashed, appended, samples = None, None, {}
         for frame, table in _earlier_rows(previous):
             if writer.schema is None:  # the whole frame's schema: the new rows', as pd.concat keeps their dtypes
                 writer.schema = frame_schema(new if new is not None and len(new) else frame)
@@ -291,17 +289,16 @@ def stream_entity(store: RunStore, entity: str, mapping: SourceMapping, landing:
                 sample.add(new[column])
             writer.append(new)
         del new
-        rows, schema = writer.close()
+        writer.close()
         if hashed is not None:
-            duplicates = hashed.count(_read_back(path, hashed.candidates(), columns, {}))
+            duplicates = hashed.count(_read_back(writer.path, hashed.candidates(), columns, {}))
         else:
             duplicates = prefix[1] + (appended.count() if appended is not None else 0)
         _check_personal(entity, samples)
         metrics.update(tally.metrics(duplicates))
-        return rows, schema
 
-    def write_full(path: Path) -> tuple[int, pa.Schema]:
-        writer, hashed, present = RowGroupWriter(path), None, dict.fromkeys(sampled, 0)
+    def write_full(writer: TableWriter) -> None:
+        hashed, present = None, dict.fromkeys(sampled, 0)
         total = sum(p.stat().st_size for p in files)
         for index, batch in enumerate(file_batches(files, max(1, -(-total // BATCH_BYTES)))):
             frame = parse_files(entity, mapping, landing, as_of, batch, like=files[0] if index else None)
@@ -313,16 +310,16 @@ def stream_entity(store: RunStore, entity: str, mapping: SourceMapping, landing:
             present = {c: present[c] + int(frame[c].notna().sum()) for c in sampled}
             writer.append(frame)
             del frame
-        rows, schema = writer.close()
+        writer.close()
         samples = {c: EvenSample(present[c]) for c in sampled}
-        duplicates = hashed.count(_read_back(path, hashed.candidates(), columns, samples))
+        duplicates = hashed.count(_read_back(writer.path, hashed.candidates(), columns, samples))
         _check_personal(entity, samples)
         metrics.update(tally.metrics(duplicates))
-        return rows, schema
 
     metrics: dict[str, object] = {}
-    ref = store.write_table_with("raw", entity, write_incremental if record["mode"] == "incremental" else write_full)
-    return ref, metrics, record
+    with store.table_writer("raw", entity) as writer:
+        (write_incremental if record["mode"] == "incremental" else write_full)(writer)
+    return writer.ref, metrics, record
 
 
 def frame_schema(frame: pd.DataFrame) -> pa.Schema:

@@ -1,8 +1,6 @@
-"""Pieces for ingesting a daily-file entity without holding it whole: a Parquet writer that takes the rows a
-batch at a time, and the stage's metrics tallied batch by batch (``tasks.ingest.stage.stream_entity`` wires them).
-
-The writer cuts row groups as ``pq.write_table`` cuts one whole table (``ROW_GROUP_ROWS`` rows each), so the
-file holds the same rows in the same row groups as a write of the whole frame (the bytes come out equal). Each
+"""Pieces for ingesting a daily-file entity without holding it whole: the stage's metrics tallied batch by
+batch (``tasks.ingest.stage.stream_entity`` wires them to ``RunStore.table_writer``, which writes the rows a batch
+at a time in the row groups of a whole write, so the bytes come out equal). Each
 tally equals its metric on the whole frame (tests compare them with ``ingest_metrics``): counts are summed; the
 distinct customer ids are a running set of distinct values; the exact duplicate count either compares the new
 rows with the earlier rows that share their key value (``AppendedCopies``, as ``appended_duplicates``) or keeps
@@ -21,53 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from crm_analytics.artifacts import ROW_GROUP_ROWS
 from crm_analytics.frames import exact_duplicate_rows
 from crm_analytics.privacy import SAMPLE_SIZE
 from crm_analytics.schema import PARSE_ERRORS, SOURCE_FILE
-
-ROW_GROUP_ROWS = 1 << 20  # pq.write_table's default row group: the streamed file's row groups are a whole write's
-
-
-class RowGroupWriter:
-    """Rows appended in order (frames or Arrow tables), written to one Parquet file in row groups of
-    ``ROW_GROUP_ROWS`` rows, with one schema: ``schema`` (a frame's, from ``pa.Schema.from_pandas``, with its
-    pandas metadata) or else the first appended frame's."""
-
-    def __init__(self, path: Path, schema: pa.Schema | None = None) -> None:
-        self.path, self.schema = path, schema
-        self.writer: pq.ParquetWriter | None = None
-        self.pending: list[pa.Table] = []
-        self.buffered = 0
-        self.rows = 0
-
-    def append(self, rows: pd.DataFrame | pa.Table) -> None:
-        table = rows if isinstance(rows, pa.Table) else pa.Table.from_pandas(rows, preserve_index=False)
-        if self.schema is None:
-            self.schema = table.schema
-        if not table.schema.equals(self.schema, check_metadata=False):
-            table = table.cast(self.schema)  # e.g. a column all null in one batch; anything else raises
-        table = table.replace_schema_metadata(self.schema.metadata)
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
-        self.pending.append(table)
-        self.buffered += table.num_rows
-        self.rows += table.num_rows
-        while self.buffered >= ROW_GROUP_ROWS:
-            held = pa.concat_tables(self.pending)
-            self.writer.write_table(held.slice(0, ROW_GROUP_ROWS), row_group_size=ROW_GROUP_ROWS)
-            rest = held.slice(ROW_GROUP_ROWS)
-            self.pending, self.buffered = [rest], rest.num_rows
-
-    def close(self) -> tuple[int, pa.Schema]:
-        """Write the last row group (an empty table is one empty row group, as a whole write's); the rows and
-        schema written."""
-        if self.writer is None:
-            raise ValueError(f"{self.path}: no rows or schema were given to write")
-        if self.buffered or self.rows == 0:
-            self.writer.write_table(pa.concat_tables(self.pending), row_group_size=ROW_GROUP_ROWS)
-        self.writer.close()
-        self.pending = []
-        return self.rows, self.schema
 
 
 class DistinctValues:
