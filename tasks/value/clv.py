@@ -4,6 +4,7 @@ purchases, P(alive), expected spend per purchase and the discounted CLV over the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import date
 from typing import NamedTuple
 
@@ -12,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from crm_analytics.parameters import ValueOptions, as_of_end
+from crm_analytics.partitions import whole_table_order
 from tasks.btyd import (
     Fit,
     bgnbd_expected_purchases,
@@ -54,8 +56,23 @@ def order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
     later returned (a returned item is not revenue); return lines themselves are not orders. ``customer_id`` is
     an integer code into ``attrs["customer_ids"]``: every later grouping is on integers (at a million customers,
     grouping the lines by their text ids twice cost more than the rest of the stage)."""
+    return _order_values(order_lines, end)[0]
+
+
+def first_appearances(codes: np.ndarray) -> np.ndarray:
+    """The position of each code's first occurrence, for codes numbered in order of first appearance (as
+    ``integer_codes`` numbers them): where a code first exceeds every code before it."""
+    if len(codes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    seen_before = np.maximum.accumulate(np.concatenate([[-1], codes[:-1]]))
+    return np.flatnonzero(codes > seen_before)
+
+
+def _order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> tuple[pd.DataFrame, np.ndarray]:
+    """``order_values`` and the position of each customer code's first line (any line, kept or not)."""
     keep = ((order_lines["order_ts"] < end) & ~order_lines["is_return"]).to_numpy(dtype=bool)
     customer_code, customer_ids = integer_codes(order_lines["customer_id"])
+    first_line = first_appearances(customer_code)
     order_code, order_ids = integer_codes(order_lines["order_id"])
     customer_code, order_code = customer_code[keep], order_code[keep]
     amount = order_lines["line_amount"].to_numpy(dtype="float64")[keep]
@@ -73,7 +90,7 @@ def order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
                                                        order_ts=("order_ts", "min"), amount=("amount", "sum"),
                                                        lines=("amount", "size")).reset_index()
     orders.attrs.update(customer_ids=customer_ids, order_ids=order_ids)
-    return orders
+    return orders, first_line
 
 
 def value_summary(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
@@ -180,12 +197,56 @@ class LifetimeValues(NamedTuple):
     recent_orders: pd.DataFrame
 
 
-def customer_lifetime_values(order_lines: pd.DataFrame, as_of: date, options: ValueOptions) -> LifetimeValues:
-    """The lifetime-value table of every customer with a purchase before the end of ``as_of``, the fits, and
-    each customer's last ``options.recent_orders`` purchases."""
-    end = as_of_end(as_of)
-    orders = order_values(order_lines, end)
+class PartSummary(NamedTuple):
+    """What the value stage keeps of one part of the order lines: the ``value_summary`` of its customers (in the
+    order they first appear in the part), each one's first line's sort keys, and their last purchases."""
+
+    summary: pd.DataFrame
+    first_lines: pd.DataFrame
+    recent_orders: pd.DataFrame
+
+
+def part_summary(order_lines: pd.DataFrame, end: pd.Timestamp, recent: int, sort_by: list[str]) -> PartSummary:
+    """``PartSummary`` of one part (every line of its customers); ``sort_by`` are the whole table's order keys."""
+    orders, first_line = _order_values(order_lines, end)
     summary = summarise_orders(orders, end)
+    # The summary lists the customers with an order, by code: the order they first appear in the part.
+    lines_at = first_line[np.unique(orders["customer_id"].to_numpy())]
+    first_lines = order_lines[sort_by].iloc[lines_at].reset_index(drop=True)
+    return PartSummary(summary, first_lines, recent_orders(orders, recent))
+
+
+def _concat_nonempty(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The frames one after another; empty ones left out (an empty column's dtype would widen the others')."""
+    kept = [frame for frame in frames if len(frame)] or frames[:1]
+    return pd.concat(kept) if len(kept) > 1 else kept[0]
+
+
+def combined_summaries(parts: list[PartSummary], sort_by: list[str] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The parts' summaries and last purchases as ``value_summary`` and ``recent_orders`` of the whole table
+    give them: the customers in the order they first appear in it, the purchases sorted by customer id."""
+    order = whole_table_order([part.first_lines for part in parts], sort_by)
+    summary = _concat_nonempty([part.summary for part in parts]).iloc[order]
+    recent = _concat_nonempty([part.recent_orders for part in parts])
+    # Each part's purchases are sorted by customer and a customer is in one part: a stable sort by id merges.
+    by_id = np.argsort(recent["customer_id"].to_numpy(dtype=str), kind="stable")
+    return summary, recent.iloc[by_id].reset_index(drop=True)
+
+
+def customer_lifetime_values(order_lines: pd.DataFrame | Iterable[pd.DataFrame], as_of: date,
+                             options: ValueOptions, sort_by: list[str] | None = None) -> LifetimeValues:
+    """The lifetime-value table of every customer with a purchase before the end of ``as_of``, the fits, and
+    each customer's last ``options.recent_orders`` purchases.
+
+    ``order_lines`` is one frame, or the parts of a customer-partitioned table (each holding every line of its
+    customers) with ``sort_by`` its row order as one frame: the orders are summarised part by part, so only one
+    part's lines are held at a time, and the results are those of the whole frame."""
+    end = as_of_end(as_of)
+    parts = [order_lines] if isinstance(order_lines, pd.DataFrame) else order_lines
+    keys = list(sort_by or [])
+    summaries = [part_summary(part, end, options.recent_orders, keys) for part in parts]
+    summary, recent = combined_summaries(summaries, sort_by)
+    del summaries
     check_supports_model(summary)
     fits = fit_value_models(summary)
-    return LifetimeValues(lifetime_values(summary, fits, options), fits, recent_orders(orders, options.recent_orders))
+    return LifetimeValues(lifetime_values(summary, fits, options), fits, recent)
