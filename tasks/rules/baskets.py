@@ -5,10 +5,12 @@ by level with numpy (then handed to mlxtend's FPTree for mining).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from mlxtend.frequent_patterns.fpcommon import FPNode, FPTree
 from scipy import sparse
 
@@ -63,8 +65,30 @@ def basket_codes(purchases: pd.DataFrame, basket: str) -> np.ndarray:
     return pd.factorize(keys)[0]
 
 
-def encode_baskets(order_lines: pd.DataFrame, options: RulesOptions) -> Baskets:
-    """Deduplicated (basket, item) incidence without returns, oversized baskets or items that cannot be frequent."""
+def encode_baskets(order_lines: pd.DataFrame | Iterable[pd.DataFrame], options: RulesOptions) -> Baskets:
+    """Deduplicated (basket, item) incidence without returns, oversized baskets or items that cannot be frequent.
+
+    ``order_lines`` is one frame or the parts of a customer-partitioned table: each part is reduced to its
+    distinct (basket, item) pairs, so only one part's lines are held at a time."""
+    parts = [order_lines] if isinstance(order_lines, pd.DataFrame) else order_lines
+    return baskets_from_pairs([purchase_pairs(part, options) for part in parts], options)
+
+
+@dataclass(frozen=True)
+class PurchasePairs:
+    """One part's purchases as distinct (basket, item) pairs in codes local to the part, sorted by basket then
+    item, with the labels that number them across parts."""
+
+    basket: np.ndarray  # int32 local basket code of each pair
+    item: np.ndarray  # int32 local item code (into ``item_labels``, which are sorted)
+    item_labels: pd.Index
+    basket_labels: pa.Array | None  # the order id of each local basket; None: a basket is within one customer
+    purchase_lines: int
+    lines: int
+
+
+def purchase_pairs(order_lines: pd.DataFrame, options: RulesOptions) -> PurchasePairs:
+    """The distinct (basket, item) pairs of the lines' purchases: no returns, no purchases returned in full."""
     item_column = ITEM_COLUMNS[options.item_level]
     key_columns = ["order_id"] if options.basket == "order" else ["customer_id", "order_ts"]
     kept = ~order_lines["is_return"].astype(bool) & (order_lines["quantity"] > 0).fillna(False)
@@ -74,14 +98,45 @@ def encode_baskets(order_lines: pd.DataFrame, options: RulesOptions) -> Baskets:
     bought = order_lines.loc[kept.astype(bool), key_columns + [item_column]]
     usable = bought.notna().all(axis=1)
     purchases = bought.loc[usable]
-    baskets = basket_codes(purchases, options.basket)
+    if options.basket == "order":
+        baskets, order_ids = pd.factorize(purchases["order_id"])
+        basket_labels = pa.array(np.asarray(order_ids, dtype=object).astype(str), type=pa.large_string())
+    else:
+        baskets, basket_labels = basket_codes(purchases, options.basket), None
     item_codes, labels = pd.factorize(purchases[item_column], sort=True)
-    n_items = len(labels)
+    n_items = max(len(labels), 1)
     # One entry per (basket, item): an item bought on two lines of one basket counts once. Sorted by basket,
     # then item: CSR order.
-    pairs, _ = _distinct(baskets.astype(np.int64) * max(n_items, 1) + item_codes)
-    pair_basket, pair_item = np.divmod(pairs, max(n_items, 1))
-    sizes = np.bincount(pair_basket, minlength=int(baskets.max()) + 1 if len(baskets) else 0)
+    pairs, _ = _distinct(baskets.astype(np.int64) * n_items + item_codes)
+    pair_basket, pair_item = np.divmod(pairs, n_items)
+    return PurchasePairs(pair_basket.astype(np.int32), pair_item.astype(np.int32), pd.Index(labels), basket_labels,
+                         int(len(purchases)), int(len(order_lines)))
+
+
+def _global_codes(local: list[np.ndarray], labels: list[pd.Index]) -> tuple[np.ndarray, pd.Index]:
+    """The parts' local item codes as codes into the sorted union of their labels."""
+    union = labels[0].append(labels[1:]) if len(labels) > 1 else labels[0]
+    code_of_label, merged = pd.factorize(union, sort=True)
+    offsets = np.cumsum([0] + [len(x) for x in labels])
+    return np.concatenate([code_of_label[offsets[i]:offsets[i + 1]][codes] for i, codes in enumerate(local)]), merged
+
+
+def baskets_from_pairs(parts: list[PurchasePairs], options: RulesOptions) -> Baskets:
+    """``Baskets`` from the pairs of every part: items numbered over all parts; an order id found in two parts
+    (two customers' lines under one id) is one basket, as it is on the whole frame."""
+    pair_item, labels = _global_codes([part.item for part in parts], [part.item_labels for part in parts])
+    n_items = len(labels)
+    sizes_per_part = [int(part.basket.max()) + 1 if len(part.basket) else 0 for part in parts]
+    offsets = np.cumsum([0, *sizes_per_part])
+    pair_basket = np.concatenate([part.basket.astype(np.int64) + offsets[i] for i, part in enumerate(parts)])
+    if options.basket == "order" and len(parts) > 1:
+        encoded = pa.chunked_array([part.basket_labels for part in parts], type=pa.large_string()
+                                   ).combine_chunks().dictionary_encode()
+        if len(encoded.dictionary) < len(encoded):  # an order id in two parts: renumber and deduplicate again
+            basket_of = encoded.indices.to_numpy().astype(np.int64)
+            pairs, _ = _distinct(basket_of[pair_basket] * max(n_items, 1) + pair_item)
+            pair_basket, pair_item = np.divmod(pairs, max(n_items, 1))
+    sizes = np.bincount(pair_basket) if len(pair_basket) else np.zeros(0, dtype=np.int64)
 
     oversized = sizes > options.max_basket_size
     kept_basket = np.cumsum(~oversized) - 1
@@ -105,8 +160,9 @@ def encode_baskets(order_lines: pd.DataFrame, options: RulesOptions) -> Baskets:
     stats = {
         "basket_definition": options.basket,
         "item_level": options.item_level,
-        "purchase_lines": int(len(purchases)),
-        "lines_left_out": int(len(order_lines) - len(purchases)),  # returns, purchases returned in full, gaps
+        "purchase_lines": sum(part.purchase_lines for part in parts),
+        # returns, purchases returned in full, gaps
+        "lines_left_out": sum(part.lines - part.purchase_lines for part in parts),
         "baskets": n_baskets,
         "oversized_baskets_dropped": int(oversized.sum()),
         "largest_basket": int(sizes.max()) if len(sizes) else 0,
