@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from crm_analytics.settings import get_settings
 
 __all__ = ["PartitionMismatchError", "checked_partitions", "customer_partition", "partition_count_for",
-           "split_by_customer", "split_table_by_customer", "whole_table_order"]
+           "split_by_customer", "split_table_by_customer", "first_appearances", "whole_table_order"]
 
 
 def partition_count_for(rows: int) -> int:
@@ -90,6 +90,14 @@ def checked_partitions(parts: Iterable[pd.DataFrame], partitions: int) -> Iterat
             raise PartitionMismatchError(f"part {index} of {partitions} holds customers of other partitions "
                                          f"(e.g. {stray}): the table was not split by crm_analytics.partitions")
         yield part
+
+
+def first_appearances(codes: np.ndarray) -> np.ndarray:
+    """The position of each code's first occurrence, for codes numbered in order of first appearance (as
+    ``pd.factorize`` and Arrow's dictionary encoding number them): where a code first exceeds all before it."""
+    if len(codes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(codes > np.maximum.accumulate(np.concatenate([[-1], codes[:-1]])))
 
 
 def whole_table_order(first_lines: list[pd.DataFrame], sort_by: list[str] | None) -> np.ndarray:

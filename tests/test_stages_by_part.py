@@ -12,7 +12,8 @@ import pytest
 from scipy import sparse
 
 from crm_analytics.artifacts import RunStore
-from crm_analytics.parameters import RulesOptions, ValueOptions, as_of_end
+from crm_analytics.parameters import ForecastOptions, RulesOptions, ValueOptions, as_of_end
+from tasks.forecast.series import OTHER_CATEGORIES, weekly_series_by_part
 from tasks.rules.baskets import ITEM_COLUMNS, Baskets, _distinct, basket_codes, min_support_count, prefix_tree
 from tasks.rules.generate import generate_rules, itemsets_frame, rules_frame
 from tasks.rules.memory import check_memory
@@ -32,6 +33,8 @@ from tasks.value.clv import (
     recent_orders,
     summarise_orders,
 )
+from tests.old_weekly_series import ORDER_LINE_COLUMNS as FORECAST_COLUMNS
+from tests.old_weekly_series import weekly_series as old_weekly_series
 from tests.test_partitions import _random_lines, _write_clean_by_part
 
 AS_OF = date(2025, 5, 1)
@@ -174,3 +177,25 @@ def test_rules_by_part_equal_the_whole_frame(clean_lines, name):
     pd.testing.assert_frame_equal(out.rules, rules)
     pd.testing.assert_frame_equal(out.recommendations, recommendations)
     assert {k: out.stats[k] for k in stats} == stats
+
+
+# ---- forecast ---------------------------------------------------------------------------------------------
+def _assignments() -> pd.DataFrame:
+    """Segments of c0..c99 (c100 and later buy unassigned); segment 9 has no buyer in the lines."""
+    ids = [f"c{i}" for i in range(100)] + ["nobody"]
+    segment = [1 + i % 4 for i in range(100)] + [9]
+    return pd.DataFrame({"customer_id": ids, "segment_id": segment,
+                         "segment_name": [f"segment {s}" for s in segment]})
+
+
+@pytest.mark.parametrize("by_category", [False, True])
+def test_weekly_series_by_part_equal_the_whole_frame(clean_lines, by_category):
+    store, ref = clean_lines
+    options = ForecastOptions(by_category=by_category, max_categories=3)
+    old = old_weekly_series(store.read_frame(ref, FORECAST_COLUMNS), _assignments(), AS_OF, options)
+    assert {"unassigned", "segment 9"} <= set(old["group"])  # every path
+    assert not by_category or OTHER_CATEGORIES in set(old["group"])
+    parts = len(ref.part_files)
+    new = weekly_series_by_part(lambda columns: store.read_parts(ref, columns), _assignments(), AS_OF, options,
+                                ref.sort_by if parts > 1 else None, parts)
+    pd.testing.assert_frame_equal(new, old)

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from crm_analytics.parameters import ValueOptions, as_of_end
-from crm_analytics.partitions import whole_table_order
+from crm_analytics.partitions import first_appearances, whole_table_order
 from tasks.btyd import (
     Fit,
     bgnbd_expected_purchases,
@@ -57,15 +57,6 @@ def order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
     an integer code into ``attrs["customer_ids"]``: every later grouping is on integers (at a million customers,
     grouping the lines by their text ids twice cost more than the rest of the stage)."""
     return _order_values(order_lines, end)[0]
-
-
-def first_appearances(codes: np.ndarray) -> np.ndarray:
-    """The position of each code's first occurrence, for codes numbered in order of first appearance (as
-    ``integer_codes`` numbers them): where a code first exceeds every code before it."""
-    if len(codes) == 0:
-        return np.zeros(0, dtype=np.int64)
-    seen_before = np.maximum.accumulate(np.concatenate([[-1], codes[:-1]]))
-    return np.flatnonzero(codes > seen_before)
 
 
 def _order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> tuple[pd.DataFrame, np.ndarray]:
