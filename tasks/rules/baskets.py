@@ -100,7 +100,7 @@ def purchase_pairs(order_lines: pd.DataFrame, options: RulesOptions) -> Purchase
     purchases = bought.loc[usable]
     if options.basket == "order":
         baskets, order_ids = pd.factorize(purchases["order_id"])
-        basket_labels = pa.array(np.asarray(order_ids, dtype=object).astype(str), type=pa.large_string())
+        basket_labels = pa.array(order_ids.astype(str), type=pa.large_string())
     else:
         baskets, basket_labels = basket_codes(purchases, options.basket), None
     item_codes, labels = pd.factorize(purchases[item_column], sort=True)
