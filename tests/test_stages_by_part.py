@@ -160,6 +160,9 @@ RULES_OPTIONS = {
     "orders": RulesOptions(min_support=0.01, min_confidence=0.05, min_lift=0.0, min_item_baskets=1),
     "days": RulesOptions(basket="customer_day", min_support=0.0003, min_confidence=0.01, min_lift=0.0,
                          min_item_baskets=1, recommendation_lookback_days=120),
+    # Oversized baskets dropped and items pruned in baskets that never span two parts.
+    "days pruned": RulesOptions(basket="customer_day", min_support=0.0003, min_confidence=0.01, min_lift=0.0,
+                                min_item_baskets=110, max_basket_size=2, recommendation_lookback_days=120),
     "categories": RulesOptions(item_level="category", min_support=0.02, min_confidence=0.1, min_lift=0.0,
                                max_basket_size=4, recommendation_lookback_days=200),
 }
