@@ -13,6 +13,7 @@ from scipy import sparse
 
 from crm_analytics.artifacts import RunStore
 from crm_analytics.parameters import ForecastOptions, RulesOptions, ValueOptions, as_of_end
+from tasks.btyd import Fit, bgnbd_expected_purchases, expected_spend
 from tasks.forecast.series import OTHER_CATEGORIES, weekly_series_by_part
 from tasks.rules.baskets import ITEM_COLUMNS, Baskets, _distinct, basket_codes, min_support_count, prefix_tree
 from tasks.rules.generate import generate_rules, itemsets_frame, rules_frame
@@ -20,8 +21,11 @@ from tasks.rules.memory import check_memory
 from tasks.rules.mining import mine_itemsets
 from tasks.rules.recommendations import recommend
 from tasks.rules.stage import ORDER_LINE_COLUMNS, rules_by_part
+from tasks.value import clv
 from tasks.value.clv import (
+    DAYS_PER_MONTH,
     LifetimeValues,
+    ValueFits,
     ValueNotPossible,
     check_supports_model,
     combined_summaries,
@@ -82,8 +86,8 @@ def test_the_summary_and_last_purchases_by_part_equal_the_whole_frames(clean_lin
     parts, sort_by = _parts(store, ref, VALUE_COLUMNS)
     summary, recent = combined_summaries([part_summary(part, end, 3, sort_by or []) for part in parts], sort_by)
     assert summary["x"].gt(0).sum() > 50 and len(recent) > 300  # a real comparison
-    pd.testing.assert_frame_equal(summary, summarise_orders(orders, end))
-    pd.testing.assert_frame_equal(recent, recent_orders(orders, 3))
+    pd.testing.assert_frame_equal(summary, summarise_orders(orders, end), check_exact=True)
+    pd.testing.assert_frame_equal(recent, recent_orders(orders, 3), check_exact=True)
 
 
 def test_lifetime_values_by_part_equal_the_whole_frame(clean_lines):
@@ -96,8 +100,8 @@ def test_lifetime_values_by_part_equal_the_whole_frame(clean_lines):
     if isinstance(old, str):
         assert new == old
         return
-    pd.testing.assert_frame_equal(new.values, old.values)
-    pd.testing.assert_frame_equal(new.recent_orders, old.recent_orders)
+    pd.testing.assert_frame_equal(new.values, old.values, check_exact=True)
+    pd.testing.assert_frame_equal(new.recent_orders, old.recent_orders, check_exact=True)
     assert new.fits.as_dict() == old.fits.as_dict()
 
 
@@ -176,9 +180,9 @@ def test_rules_by_part_equal_the_whole_frame(clean_lines, name):
     itemsets, rules, recommendations, stats = _old_rules(store.read_frame(ref, ORDER_LINE_COLUMNS), options)
     assert len(rules) > 5 and len(recommendations) > 5  # a real comparison
     out = rules_by_part(lambda columns: store.read_parts(ref, columns), AS_OF, options)
-    pd.testing.assert_frame_equal(out.itemsets, itemsets)
-    pd.testing.assert_frame_equal(out.rules, rules)
-    pd.testing.assert_frame_equal(out.recommendations, recommendations)
+    pd.testing.assert_frame_equal(out.itemsets, itemsets, check_exact=True)
+    pd.testing.assert_frame_equal(out.rules, rules, check_exact=True)
+    pd.testing.assert_frame_equal(out.recommendations, recommendations, check_exact=True)
     assert {k: out.stats[k] for k in stats} == stats
 
 
@@ -201,4 +205,32 @@ def test_weekly_series_by_part_equal_the_whole_frame(clean_lines, by_category):
     parts = len(ref.part_files)
     new = weekly_series_by_part(lambda columns: store.read_parts(ref, columns), _assignments(), AS_OF, options,
                                 ref.sort_by if parts > 1 else None, parts)
-    pd.testing.assert_frame_equal(new, old)
+    pd.testing.assert_frame_equal(new, old, check_exact=True)
+
+
+def _old_lifetime_values(summary: pd.DataFrame, fits, options: ValueOptions) -> pd.DataFrame:
+    """The expectation and the discounted CLV as computed before, over every customer at once."""
+    months = np.arange(1, options.horizon_months + 1)
+    cumulative = bgnbd_expected_purchases(fits.purchases.params, summary, months * DAYS_PER_MONTH)
+    discount = (1.0 + options.annual_discount_rate) ** (-months / 12.0)
+    spend = expected_spend(fits.spend.params, summary["x"].to_numpy(), summary["mean_repeat_spend"].to_numpy())
+    return pd.DataFrame({"expected_purchases": cumulative[:, -1],
+                         "clv": (np.diff(cumulative, axis=1, prepend=0.0) * discount).sum(axis=1) * spend})
+
+
+@pytest.mark.parametrize("block", [1, 7, 10_000])
+def test_lifetime_values_in_blocks_of_customers_are_those_of_all_at_once(monkeypatch, block):
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 9, 50).astype(float)
+    t_x = np.where(x > 0, rng.uniform(1, 300, 50), 0.0)
+    summary = pd.DataFrame({"x": x, "t_x": t_x, "T": t_x + rng.uniform(1, 100, 50),
+                            "mean_repeat_spend": np.where(x > 0, rng.uniform(5, 80, 50), 0.0),
+                            "total_spend": rng.uniform(5, 500, 50)},
+                           index=pd.Index([f"c{i}" for i in range(50)], name="customer_id"))
+    fits = ValueFits(Fit(("r", "alpha", "a", "b"), np.array([0.8, 30.0, 0.6, 2.5]), True, "", -1.0, 50, None),
+                     Fit(("p", "q", "v"), np.array([3.0, 4.0, 30.0]), True, "", -1.0, 50, None))
+    options = ValueOptions(annual_discount_rate=0.1)
+    monkeypatch.setattr(clv, "VALUE_BLOCK_CUSTOMERS", block)
+    new = lifetime_values(summary, fits, options)
+    pd.testing.assert_frame_equal(new[["expected_purchases", "clv"]], _old_lifetime_values(summary, fits, options),
+                                  check_exact=True)

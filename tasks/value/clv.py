@@ -25,6 +25,7 @@ from tasks.btyd import (
 )
 
 DAYS_PER_MONTH = 365.25 / 12
+VALUE_BLOCK_CUSTOMERS = 100_000
 
 
 class ValueNotPossible(ValueError):
@@ -158,9 +159,15 @@ def lifetime_values(summary: pd.DataFrame, fits: ValueFits, options: ValueOption
     """Per customer: expected purchases over the horizon, P(alive), expected spend per purchase and the CLV,
     discounted month by month: each month's expected purchases x expected spend / (1 + annual rate)^(month / 12)."""
     months = np.arange(1, options.horizon_months + 1)
-    cumulative = bgnbd_expected_purchases(fits.purchases.params, summary, months * DAYS_PER_MONTH)
-    per_month = np.diff(cumulative, axis=1, prepend=0.0)
     discount = (1.0 + options.annual_discount_rate) ** (-months / 12.0)
+    expected, discounted = np.empty(len(summary)), np.empty(len(summary))
+    # In blocks of customers: the (customers x months) temporaries of the expectation were the stage's peak at a
+    # million customers (each row is computed alone, so the values are the same).
+    for start in range(0, len(summary), VALUE_BLOCK_CUSTOMERS):
+        block = slice(start, start + VALUE_BLOCK_CUSTOMERS)
+        cumulative = bgnbd_expected_purchases(fits.purchases.params, summary.iloc[block], months * DAYS_PER_MONTH)
+        expected[block] = cumulative[:, -1]
+        discounted[block] = (np.diff(cumulative, axis=1, prepend=0.0) * discount).sum(axis=1)
     spend = expected_spend(fits.spend.params, summary["x"].to_numpy(), summary["mean_repeat_spend"].to_numpy())
     p_alive = bgnbd_features(summary, fits.purchases.params, 0)["bgnbd_p_alive"].to_numpy()
     out = pd.DataFrame({
@@ -170,10 +177,10 @@ def lifetime_values(summary: pd.DataFrame, fits: ValueFits, options: ValueOption
         "age_days": summary["T"].to_numpy(),
         "mean_repeat_spend": summary["mean_repeat_spend"].to_numpy(),
         "total_spend": summary["total_spend"].to_numpy(),
-        "expected_purchases": cumulative[:, -1],
+        "expected_purchases": expected,
         "p_alive": p_alive,
         "expected_spend": spend,
-        "clv": (per_month * discount).sum(axis=1) * spend,
+        "clv": discounted * spend,
     })
     numeric = out.select_dtypes("number")
     if not np.isfinite(numeric.to_numpy()).all():
