@@ -32,11 +32,12 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from crm_analytics.settings import get_settings
 
 __all__ = ["PartitionMismatchError", "checked_partitions", "customer_partition", "partition_count_for",
-           "split_by_customer", "split_table_by_customer"]
+           "split_by_customer", "split_table_by_customer", "first_appearances", "whole_table_order"]
 
 
 def partition_count_for(rows: int) -> int:
@@ -92,3 +93,29 @@ def checked_partitions(parts: Iterable[pd.DataFrame], partitions: int) -> Iterat
             raise PartitionMismatchError(f"part {index} of {partitions} holds customers of other partitions "
                                          f"(e.g. {stray}): the table was not split by crm_analytics.partitions")
         yield part
+
+
+def first_appearances(codes: np.ndarray) -> np.ndarray:
+    """The position of each code's first occurrence, for codes numbered in order of first appearance (as
+    ``pd.factorize`` and Arrow's dictionary encoding number them): where a code first exceeds all before it."""
+    if len(codes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(codes > np.maximum.accumulate(np.concatenate([[-1], codes[:-1]])))
+
+
+def whole_table_order(first_lines: list[pd.DataFrame], sort_by: list[str] | None) -> np.ndarray:
+    """The order ``RunStore.read_frame`` would meet per-part results in, as positions into their concatenation.
+
+    A stage working part by part gets results per group of lines (a customer, a category), each part's in the
+    order its groups first appear in the part. ``first_lines[i]`` holds, for part ``i``'s results in that order,
+    the ``sort_by`` values of each group's first line. The whole table is the parts concatenated and stably
+    sorted by ``sort_by`` (each part already in that order), so a group's first line there is its first line in
+    its part, and the groups come in the stable sort of their first lines: the same Arrow sort as
+    ``read_frame``'s. With one part or no ``sort_by`` the whole is the parts one after another.
+    """
+    sizes = [len(frame) for frame in first_lines]
+    if not sort_by or len(first_lines) <= 1:
+        return np.arange(sum(sizes))
+    keys = pa.concat_tables([pa.Table.from_pandas(frame[sort_by], preserve_index=False) for frame in first_lines],
+                            promote_options="permissive")
+    return pc.sort_indices(keys, sort_keys=[(key, "ascending") for key in sort_by]).to_numpy()

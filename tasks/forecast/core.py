@@ -12,6 +12,7 @@ Per series, in this order (the reason is written next to every forecast):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from datetime import date, timedelta
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from crm_analytics.parameters import ForecastOptions
 from tasks.forecast.backtest import ModelScore, backtest_origins, score_model, series_plan, weeks_needed
 from tasks.forecast.models import BASELINE, CANDIDATES, LEVELS, Forecast, recent_mean
-from tasks.forecast.series import SERIES_KEYS, weekly_series
+from tasks.forecast.series import SERIES_KEYS, weekly_series, weekly_series_by_part
 
 EPOCH = date(1970, 1, 1)
 # The artifacts' columns and types, fixed so every night writes the same schema.
@@ -169,11 +170,16 @@ def _stats(forecasts: pd.DataFrame, backtest: pd.DataFrame, seconds: dict[str, f
     }
 
 
-def forecast_segments(order_lines: pd.DataFrame, assignments: pd.DataFrame, as_of: date,
-                      options: ForecastOptions) -> ForecastOutput:
-    """The stage's core: weekly series as of D per segment and in total, each backtested, chosen and forecast."""
+def forecast_segments(order_lines: pd.DataFrame | Callable[[list[str]], Iterable[pd.DataFrame]],
+                      assignments: pd.DataFrame, as_of: date, options: ForecastOptions,
+                      sort_by: list[str] | None = None, partitions: int = 1) -> ForecastOutput:
+    """The stage's core: weekly series as of D per segment and in total, each backtested, chosen and forecast.
+    ``order_lines`` is one frame, or reads a customer-partitioned table's parts (``weekly_series_by_part``)."""
     started = time.perf_counter()
-    series = weekly_series(order_lines, assignments, as_of, options)
+    if isinstance(order_lines, pd.DataFrame):
+        series = weekly_series(order_lines, assignments, as_of, options)
+    else:
+        series = weekly_series_by_part(order_lines, assignments, as_of, options, sort_by, partitions)
     built = time.perf_counter() - started
     out = forecast_series(series, as_of, options)
     seconds = {**out.stats.get("seconds", {}), "series": round(built, 3),

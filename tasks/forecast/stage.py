@@ -10,19 +10,19 @@ from crm_analytics.reporting import save_figures
 from tasks.common import stage_logger, stage_task
 from tasks.forecast.core import forecast_segments
 from tasks.forecast.report import forecast_figures, forecast_section
-from tasks.forecast.series import ORDER_LINE_COLUMNS
 
 
 @stage_task("forecast")
 def forecast(run: RunSpec, cleaned: StageResult, segmented: StageResult, options: ForecastOptions) -> StageResult:
     store = run.store
     ref = cleaned.ref("order_lines")
-    wanted = [c for c in ORDER_LINE_COLUMNS if c != "category" or options.by_category]
     present = set(pq.read_schema(ref.path).names)
-    lines = store.read_frame(ref, columns=[c for c in wanted if c in present])
+    partitions = len(ref.part_files)
+    sort_by = ref.sort_by if partitions > 1 else None
     assignments = store.read_frame(segmented.ref("assignments"), columns=["customer_id", "segment_id", "segment_name"])
-    out = forecast_segments(lines, assignments, run.as_of, options)
-    del lines
+    # Part by part, each pass reading only its columns: one part's lines are held at a time, not the export.
+    out = forecast_segments(lambda columns: store.read_parts(ref, [c for c in columns if c in present]),
+                            assignments, run.as_of, options, sort_by, partitions)
     stage_logger().info("forecast: %s", out.stats)
     artifacts = {
         "series": store.write_frame("forecast", "series", out.series),

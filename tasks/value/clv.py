@@ -4,6 +4,7 @@ purchases, P(alive), expected spend per purchase and the discounted CLV over the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import date
 from typing import NamedTuple
 
@@ -12,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from crm_analytics.parameters import ValueOptions, as_of_end
+from crm_analytics.partitions import first_appearances, whole_table_order
 from tasks.btyd import (
     Fit,
     bgnbd_expected_purchases,
@@ -23,6 +25,7 @@ from tasks.btyd import (
 )
 
 DAYS_PER_MONTH = 365.25 / 12
+VALUE_BLOCK_CUSTOMERS = 100_000
 
 
 class ValueNotPossible(ValueError):
@@ -54,8 +57,14 @@ def order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
     later returned (a returned item is not revenue); return lines themselves are not orders. ``customer_id`` is
     an integer code into ``attrs["customer_ids"]``: every later grouping is on integers (at a million customers,
     grouping the lines by their text ids twice cost more than the rest of the stage)."""
+    return _order_values(order_lines, end)[0]
+
+
+def _order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> tuple[pd.DataFrame, np.ndarray]:
+    """``order_values`` and the position of each customer code's first line (any line, kept or not)."""
     keep = ((order_lines["order_ts"] < end) & ~order_lines["is_return"]).to_numpy(dtype=bool)
     customer_code, customer_ids = integer_codes(order_lines["customer_id"])
+    first_line = first_appearances(customer_code)
     order_code, order_ids = integer_codes(order_lines["order_id"])
     customer_code, order_code = customer_code[keep], order_code[keep]
     amount = order_lines["line_amount"].to_numpy(dtype="float64")[keep]
@@ -73,7 +82,7 @@ def order_values(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
                                                        order_ts=("order_ts", "min"), amount=("amount", "sum"),
                                                        lines=("amount", "size")).reset_index()
     orders.attrs.update(customer_ids=customer_ids, order_ids=order_ids)
-    return orders
+    return orders, first_line
 
 
 def value_summary(order_lines: pd.DataFrame, end: pd.Timestamp) -> pd.DataFrame:
@@ -150,9 +159,15 @@ def lifetime_values(summary: pd.DataFrame, fits: ValueFits, options: ValueOption
     """Per customer: expected purchases over the horizon, P(alive), expected spend per purchase and the CLV,
     discounted month by month: each month's expected purchases x expected spend / (1 + annual rate)^(month / 12)."""
     months = np.arange(1, options.horizon_months + 1)
-    cumulative = bgnbd_expected_purchases(fits.purchases.params, summary, months * DAYS_PER_MONTH)
-    per_month = np.diff(cumulative, axis=1, prepend=0.0)
     discount = (1.0 + options.annual_discount_rate) ** (-months / 12.0)
+    expected, discounted = np.empty(len(summary)), np.empty(len(summary))
+    # In blocks of customers: the (customers x months) temporaries of the expectation were the stage's peak at a
+    # million customers (each row is computed alone, so the values are the same).
+    for start in range(0, len(summary), VALUE_BLOCK_CUSTOMERS):
+        block = slice(start, start + VALUE_BLOCK_CUSTOMERS)
+        cumulative = bgnbd_expected_purchases(fits.purchases.params, summary.iloc[block], months * DAYS_PER_MONTH)
+        expected[block] = cumulative[:, -1]
+        discounted[block] = (np.diff(cumulative, axis=1, prepend=0.0) * discount).sum(axis=1)
     spend = expected_spend(fits.spend.params, summary["x"].to_numpy(), summary["mean_repeat_spend"].to_numpy())
     p_alive = bgnbd_features(summary, fits.purchases.params, 0)["bgnbd_p_alive"].to_numpy()
     out = pd.DataFrame({
@@ -162,10 +177,10 @@ def lifetime_values(summary: pd.DataFrame, fits: ValueFits, options: ValueOption
         "age_days": summary["T"].to_numpy(),
         "mean_repeat_spend": summary["mean_repeat_spend"].to_numpy(),
         "total_spend": summary["total_spend"].to_numpy(),
-        "expected_purchases": cumulative[:, -1],
+        "expected_purchases": expected,
         "p_alive": p_alive,
         "expected_spend": spend,
-        "clv": (per_month * discount).sum(axis=1) * spend,
+        "clv": discounted * spend,
     })
     numeric = out.select_dtypes("number")
     if not np.isfinite(numeric.to_numpy()).all():
@@ -180,12 +195,56 @@ class LifetimeValues(NamedTuple):
     recent_orders: pd.DataFrame
 
 
-def customer_lifetime_values(order_lines: pd.DataFrame, as_of: date, options: ValueOptions) -> LifetimeValues:
-    """The lifetime-value table of every customer with a purchase before the end of ``as_of``, the fits, and
-    each customer's last ``options.recent_orders`` purchases."""
-    end = as_of_end(as_of)
-    orders = order_values(order_lines, end)
+class PartSummary(NamedTuple):
+    """What the value stage keeps of one part of the order lines: the ``value_summary`` of its customers (in the
+    order they first appear in the part), each one's first line's sort keys, and their last purchases."""
+
+    summary: pd.DataFrame
+    first_lines: pd.DataFrame
+    recent_orders: pd.DataFrame
+
+
+def part_summary(order_lines: pd.DataFrame, end: pd.Timestamp, recent: int, sort_by: list[str]) -> PartSummary:
+    """``PartSummary`` of one part (every line of its customers); ``sort_by`` are the whole table's order keys."""
+    orders, first_line = _order_values(order_lines, end)
     summary = summarise_orders(orders, end)
+    # The summary lists the customers with an order, by code: the order they first appear in the part.
+    lines_at = first_line[np.unique(orders["customer_id"].to_numpy())]
+    first_lines = order_lines[sort_by].iloc[lines_at].reset_index(drop=True)
+    return PartSummary(summary, first_lines, recent_orders(orders, recent))
+
+
+def _concat_nonempty(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The frames one after another; empty ones left out (an empty column's dtype would widen the others')."""
+    kept = [frame for frame in frames if len(frame)] or frames[:1]
+    return pd.concat(kept) if len(kept) > 1 else kept[0]
+
+
+def combined_summaries(parts: list[PartSummary], sort_by: list[str] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The parts' summaries and last purchases as ``value_summary`` and ``recent_orders`` of the whole table
+    give them: the customers in the order they first appear in it, the purchases sorted by customer id."""
+    order = whole_table_order([part.first_lines for part in parts], sort_by)
+    summary = _concat_nonempty([part.summary for part in parts]).iloc[order]
+    recent = _concat_nonempty([part.recent_orders for part in parts])
+    # Each part's purchases are sorted by customer and a customer is in one part: a stable sort by id merges.
+    by_id = np.argsort(recent["customer_id"].to_numpy(dtype=str), kind="stable")
+    return summary, recent.iloc[by_id].reset_index(drop=True)
+
+
+def customer_lifetime_values(order_lines: pd.DataFrame | Iterable[pd.DataFrame], as_of: date,
+                             options: ValueOptions, sort_by: list[str] | None = None) -> LifetimeValues:
+    """The lifetime-value table of every customer with a purchase before the end of ``as_of``, the fits, and
+    each customer's last ``options.recent_orders`` purchases.
+
+    ``order_lines`` is one frame, or the parts of a customer-partitioned table (each holding every line of its
+    customers) with ``sort_by`` its row order as one frame: the orders are summarised part by part, so only one
+    part's lines are held at a time, and the results are those of the whole frame."""
+    end = as_of_end(as_of)
+    parts = [order_lines] if isinstance(order_lines, pd.DataFrame) else order_lines
+    keys = list(sort_by or [])
+    summaries = [part_summary(part, end, options.recent_orders, keys) for part in parts]
+    summary, recent = combined_summaries(summaries, sort_by)
+    del summaries
     check_supports_model(summary)
     fits = fit_value_models(summary)
-    return LifetimeValues(lifetime_values(summary, fits, options), fits, recent_orders(orders, options.recent_orders))
+    return LifetimeValues(lifetime_values(summary, fits, options), fits, recent)

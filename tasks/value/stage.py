@@ -54,7 +54,10 @@ def value(run: RunSpec, cleaned: StageResult, segmented: StageResult, churned: S
     store, log = run.store, stage_logger()
     lines_ref = cleaned.ref("order_lines")
     present = set(pq.read_schema(lines_ref.path).names)
-    lines = store.read_frame(lines_ref, columns=[c for c in ORDER_LINE_COLUMNS if c in present])
+    # Part by part (every line of a customer is in one part): one part's lines are held at a time, not the export.
+    sort_by = lines_ref.sort_by if lines_ref.parts is not None and len(lines_ref.parts) > 1 else None
+    wanted = list(dict.fromkeys([*ORDER_LINE_COLUMNS, *(sort_by or [])]))
+    lines = store.read_parts(lines_ref, columns=[c for c in wanted if c in present])
     scores = _optional_frame(run, churned, "scores", lambda c: c in ("customer_id", "churn_probability",
                                                                      "risk_band") or c.startswith("factor_"))
     assignments = _optional_frame(run, segmented, "assignments", lambda c: c in ("customer_id", "segment_id",
@@ -62,12 +65,11 @@ def value(run: RunSpec, cleaned: StageResult, segmented: StageResult, churned: S
     recommendations = _optional_frame(run, mined, "recommendations", lambda c: c in ("customer_id", "rank", "item"))
     try:
         out = customer_value(lines, run.as_of, options, pseudonym_key(run.data_root), scores, assignments,
-                             recommendations, risk_band_edges, churn_factor_source(run, churned))
+                             recommendations, risk_band_edges, churn_factor_source(run, churned), sort_by)
     except ValueNotPossible as exc:
         log.warning("value skipped: %s", exc)
         return StageResult(stage="value", artifacts={}, metrics={"skipped": str(exc), "fits": exc.fits},
                            report_section=skipped_section(str(exc), exc.fits))
-    del lines
     artifacts = {
         "customer_value": store.write_frame("value", "customer_value", out.customer_value),
         "actions": store.write_frame("value", "actions", out.actions),
