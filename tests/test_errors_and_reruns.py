@@ -413,15 +413,15 @@ def test_a_stage_failing_beside_another_ends_the_run_in_one_line_after_both_stop
         raise InputError(f"{failing}: injected failure")
 
     if failing == "rules":
-        monkeypatch.setattr(tasks.rules.stage, "rules_and_recommendations", fail)
+        monkeypatch.setattr(tasks.rules.stage, "rules_by_part", fail)
     else:
-        mine = tasks.rules.stage.rules_and_recommendations
+        mine = tasks.rules.stage.rules_by_part
 
         def slow_rules(*args, **kwargs):
             time.sleep(5)  # still mining when features fails
             return mine(*args, **kwargs)
 
-        monkeypatch.setattr(tasks.rules.stage, "rules_and_recommendations", slow_rules)
+        monkeypatch.setattr(tasks.rules.stage, "rules_by_part", slow_rules)
         monkeypatch.setattr(tasks.features, "features_by_part", fail)
     one_line = flows.customer_analytics.failed_with_one_line
 
