@@ -105,3 +105,30 @@ def test_a_champion_with_other_categories_is_scored_part_by_part_as_before(expor
     assert new.metrics["promoted"] is False and new.model is model
     assert np.isfinite(new.scores["churn_probability"]).all()
     _assert_same_output(new, old)
+
+
+def test_the_bgnbd_fit_is_bitwise_the_fit_that_evaluated_the_special_functions_per_customer():
+    """``diagnose_bgnbd`` evaluates gammaln and betaln once per distinct repeat count; the previous likelihood
+    (kept here) evaluated them per customer: the same optimum to the last bit."""
+    from scipy.optimize import minimize
+    from scipy.special import betaln, gammaln
+
+    from tasks.btyd import diagnose_bgnbd
+
+    rng = np.random.default_rng(4)
+    big_t = rng.uniform(30, 700, 3_000)
+    x = rng.poisson(1.5, 3_000).astype("float64")
+    tx = np.where(x > 0, big_t * rng.uniform(0, 1, 3_000), 0.0)
+
+    def previous_negative_log_likelihood(log_params: np.ndarray) -> float:
+        r, alpha, a, b = np.exp(np.clip(log_params, -10, 10))
+        common = gammaln(r + x) - gammaln(r) + r * np.log(alpha) + betaln(a, b + x) - betaln(a, b)
+        alive = -(r + x) * np.log(alpha + big_t)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dropped = np.where(x > 0, np.log(a) - np.log(np.maximum(b + x - 1, 1e-12)) - (r + x) * np.log(alpha + tx),
+                               -np.inf)
+        return float(-(common + np.logaddexp(alive, dropped)).sum())
+
+    previous = minimize(previous_negative_log_likelihood, np.log([1.0, 30.0, 1.0, 1.0]), method="L-BFGS-B")
+    fit = diagnose_bgnbd(pd.DataFrame({"x": x, "t_x": tx, "T": big_t}))
+    assert fit.params.tolist() == np.exp(previous.x).tolist() and fit.log_likelihood == -previous.fun
