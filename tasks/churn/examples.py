@@ -223,7 +223,8 @@ def cutoffs_after(first_ts: pd.Timestamp, as_of: date, options: ChurnOptions) ->
 
 def top_categories_at(customers: pd.DataFrame, order_lines: pd.DataFrame, cutoff: date) -> list[str]:
     """The category-mix columns the features stage picks from data before ``cutoff`` (no later knowledge): its
-    choice (``top_of`` the purchase value per category), without building the rest of the features table."""
+    choice (``top_of`` the purchase value per category), without building the rest of the features table (so
+    ``customers``, whose signup dates only that table needs, goes unused)."""
     return top_of(purchase_value_by_category(order_lines, cutoff))
 
 

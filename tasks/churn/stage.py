@@ -90,8 +90,8 @@ def _churn(run: RunSpec, cleaned: StageResult, options: ChurnOptions, seed: int,
 
 
 def line_parts(store: RunStore, ref: ArtifactRef) -> LineParts:
-    """The clean order lines as their customer partitions, each read when a pass gets to it (checked to be
-    this module's partitions: churn relies on every line of a customer being in one part)."""
+    """The clean order lines as their customer partitions, each read when a pass gets to it and checked to be
+    ``crm_analytics.partitions``' partitions (churn relies on every line of a customer being in one part)."""
     count = len(ref.part_files)
     present = set(pq.read_schema(ref.part_files[0]).names)
 
