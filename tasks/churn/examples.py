@@ -114,7 +114,12 @@ def churn_features_by_part(customers: pd.DataFrame, lines: LineParts, cutoff: da
     if len(tables) == 1:
         feats, summary = tables[0], summaries[0]
     else:
-        feats = with_rfm_scores(pd.concat(tables, ignore_index=True).sort_values(ID, ignore_index=True))
+        # Step by step, each step's input released as soon as its output exists: at most two copies of the
+        # gathered table at a time (at 3M customers the gathering is the stage's peak).
+        feats = pd.concat(tables, ignore_index=True)
+        tables.clear()
+        feats = feats.sort_values(ID, ignore_index=True)
+        feats = with_rfm_scores(feats)
         summary = pd.concat(summaries).sort_index()
     return with_churn_views(customers, feats, summary, min(starts), end, horizon_days, active_within_days)
 
