@@ -1,4 +1,4 @@
-"""Tonight's stages other than clean, features and churn, re-run one by one from a finished nightly run folder.
+"""Tonight's stages other than clean and features, re-run one by one from a finished nightly run folder.
 
     python benchmarks/bench_stages.py --source /tmp/crm-bench/customers-1000000-nightly --base /work/main
     python benchmarks/bench_stages.py --source ... --stages validate,rules --profile /tmp/stage-profiles
@@ -56,6 +56,7 @@ def worker(root: Path, as_of: date, landing: str, stages: list[str], profile: Pa
 
     from crm_analytics.artifacts import RunStore, StageResult, code_version
     from crm_analytics.parameters import PipelineOptions, RunSpec
+    from tasks.churn import churn
     from tasks.common import measured, release_arrow_memory
     from tasks.forecast import forecast
     from tasks.freshness import freshness
@@ -91,6 +92,7 @@ def worker(root: Path, as_of: date, landing: str, stages: list[str], profile: Pa
         "freshness": lambda: bare(freshness)(run, got["ingest"], options.freshness, options.mapping),
         "validate": lambda: bare(validate)(run, got["ingest"], options.validation, options.mapping),
         "segment": lambda: bare(segment)(run, got["features"], options.segments, options.seed),
+        "churn": lambda: bare(churn)(run, got["clean"], options.churn, options.seed, got.get("validate")),
         "rules": lambda: bare(rules)(run, got["clean"], options.rules),
         "value": lambda: bare(value)(run, got["clean"], got["segment"], got["churn"], got["rules"], options.value,
                                      options.churn.risk_band_edges),

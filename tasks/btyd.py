@@ -113,10 +113,14 @@ def diagnose_bgnbd(summary: pd.DataFrame) -> Fit:
         why = (f"{len(x)} customers, fewer than the {MIN_FIT_CUSTOMERS} a fit needs" if len(x) < MIN_FIT_CUSTOMERS
                else "no customer has a repeat purchase")
         return Fit(names, None, False, "not fitted", None, len(x), why)
+    # The special functions of x are evaluated once per distinct x (a few dozen repeat counts among 20,000
+    # customers) and spread back: each element gets the very value it got before, in a third of the time.
+    distinct_x, x_row = np.unique(x, return_inverse=True)
 
     def negative_log_likelihood(log_params: np.ndarray) -> float:
         r, alpha, a, b = np.exp(np.clip(log_params, -10, 10))
-        common = gammaln(r + x) - gammaln(r) + r * np.log(alpha) + betaln(a, b + x) - betaln(a, b)
+        common = (gammaln(r + distinct_x)[x_row] - gammaln(r) + r * np.log(alpha)
+                  + betaln(a, b + distinct_x)[x_row] - betaln(a, b))
         alive = -(r + x) * np.log(alpha + big_t)
         with np.errstate(divide="ignore", invalid="ignore"):
             dropped = np.where(x > 0, np.log(a) - np.log(np.maximum(b + x - 1, 1e-12)) - (r + x) * np.log(alpha + tx),

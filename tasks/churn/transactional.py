@@ -25,12 +25,14 @@ from tasks.churn.examples import (
     ID,
     LABEL,
     ChurnNotPossible,
-    churn_features,
+    LineParts,
+    churn_features_by_part,
+    cutoffs_after,
     labelled_examples,
+    learner_lines_by_part,
     numeric_feature_columns,
-    plan_cutoffs,
     top_categories_at,
-    training_population,
+    training_sample,
 )
 from tasks.churn.explanations import FactorRecipe, factor_candidates, global_importances, score_customers
 from tasks.churn.horizon import horizon_advice, interpurchase_gaps
@@ -50,20 +52,26 @@ def in_background(fn: Callable[..., T], *args: Any) -> Future[T]:
         pool.shutdown(wait=False)
 
 
-def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: date, options: ChurnOptions,
-                    seed: int, champion: Champion | None = None,
+def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame | LineParts, as_of: date,
+                    options: ChurnOptions, seed: int, champion: Champion | None = None,
                     no_champion_reason: str = "first run") -> ChurnOutput:
     """Transaction-derived churn: build labelled cutoffs, compare the models forward in time, weigh the
-    challenger against the champion on the same validation, and score every (active) customer as of D."""
-    h = options.horizon_days
-    train_cutoffs, valid_cutoff = plan_cutoffs(order_lines, as_of, options)
+    challenger against the champion on the same validation, and score every (active) customer as of D.
 
-    learners, learner_lines = training_population(customers, order_lines, options.max_training_customers, seed)
+    ``order_lines`` is a whole frame or its customer partitions (``LineParts``); the outputs are the same.
+    With partitions, the lines are held a part at a time: the learners' lines (a sample of bounded size) are
+    gathered in one pass, tonight's features of every customer are built part by part in another."""
+    h = options.horizon_days
+    lines = order_lines if isinstance(order_lines, LineParts) else LineParts.of_frame(order_lines)
+    kept = training_sample(customers, options.max_training_customers, seed)
+    learners = customers if kept is None else customers[customers[ID].isin(kept)]
+    learner_lines, first_ts = learner_lines_by_part(lines, kept)
+    train_cutoffs, valid_cutoff = cutoffs_after(first_ts, as_of, options)
     categories = top_categories_at(learners, learner_lines, valid_cutoff)
     # Tonight's features of every customer do not depend on the models: built on a second thread while the
     # examples are built and the models fitted (those run mostly outside the GIL), used when the scoring model
     # takes tonight's categories (a champion kept with its own categories gets its own build below).
-    tonight = in_background(churn_features, customers, order_lines, as_of, h, categories,
+    tonight = in_background(churn_features_by_part, customers, lines, as_of, h, categories,
                             options.active_within_days)
 
     def examples(cutoff: date, cats: list[str]) -> pd.DataFrame:
@@ -119,7 +127,7 @@ def train_and_score(customers: pd.DataFrame, order_lines: pd.DataFrame, as_of: d
 
     importances = global_importances(scorer.model, model_frame(measured, scorer.numeric, []), y_valid, seed)
     current = (tonight.result() if model_cats == categories else
-               churn_features(customers, order_lines, as_of, h, model_cats, options.active_within_days))
+               churn_features_by_part(customers, lines, as_of, h, model_cats, options.active_within_days))
     # Factors are computed where a person reads them (the value stage's action list, the customer card), from
     # the saved model, these inputs and this recipe: in bulk they cost one prediction per candidate input and
     # customer, most of the stage's time at a million customers, for lists nobody reads in full.
