@@ -12,7 +12,7 @@ import pandas as pd
 
 from crm_analytics.schema import SOURCE_FILE, SOURCE_LINE, SOURCE_LINES
 
-__all__ = ["exact_duplicate_rows", "first_copies", "lines_covered"]
+__all__ = ["exact_duplicate_rows", "first_copies", "lines_covered", "without_rows"]
 
 
 def _colliding(frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
@@ -64,3 +64,10 @@ def lines_covered(*frames: pd.DataFrame, shared_lines: bool = False) -> int:
         else:
             total += int(rows[SOURCE_LINES].sum())
     return total
+
+
+def without_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame``'s columns and types with no rows, holding none of its memory. ``frame.iloc[:0]`` (even copied)
+    keeps every Arrow-backed column's buffers alive: a list of such empty frames, one per part, held each whole
+    part (1.3 GB over the 28 parts of 3M customers' clean lines)."""
+    return pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in frame.dtypes.items()})

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from crm_analytics.artifacts import StageResult
 from crm_analytics.distributed import executor_metrics, read_parts_on, stage_client
-from crm_analytics.frames import exact_duplicate_rows
+from crm_analytics.frames import exact_duplicate_rows, without_rows
 from crm_analytics.mapping import load_mapping, mapping_fingerprint
 from crm_analytics.parameters import RunSpec
 from crm_analytics.partitions import checked_partitions, partition_count_for, split_by_customer
@@ -269,7 +269,7 @@ def clean_parts(parts: Iterable[pd.DataFrame], customer_parts: Iterable[pd.DataF
     part's counts and return totals (without its lines) are appended to ``tally`` as it goes."""
     for part, customers in zip(parts, customer_parts, strict=True):
         out = clean_part(part, customers, products)
-        tally.append(CleanPart(out.order_lines.iloc[:0], out.counts, out.returns))
+        tally.append(CleanPart(without_rows(out.order_lines), out.counts, out.returns))
         yield out.order_lines
 
 
@@ -283,7 +283,7 @@ def clean_on_cluster(client: Any, parts: list[Any], customer_parts: Iterable[pd.
     for future in futures:
         out = future.result()
         future.release()
-        tally.append(CleanPart(out.order_lines.iloc[:0], out.counts, out.returns))
+        tally.append(CleanPart(without_rows(out.order_lines), out.counts, out.returns))
         yield out.order_lines
 
 

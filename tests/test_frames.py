@@ -52,3 +52,27 @@ def test_lines_covered_counts_a_shared_basket_line_once_across_valid_and_quarant
     assert lines_covered(valid, quarantined, shared_lines=True) == 4  # b.csv line 1 once, a.csv lines 2-4
     assert lines_covered(valid, quarantined) == 6  # one row a line: the plain sum
     assert lines_covered(pd.DataFrame({"customer_id": ["c1", "c2"]})) == 2  # no lineage (SQL, derived): a row each
+
+
+def test_without_rows_keeps_the_columns_and_types_but_none_of_the_memory():
+    import gc
+
+    import pyarrow as pa
+
+    from crm_analytics.frames import without_rows
+
+    def arrow_mb() -> float:
+        gc.collect()
+        return pa.total_allocated_bytes() / 2**20
+
+    before = arrow_mb()
+    frame = pd.DataFrame({"customer_id": pd.array([f"customer-{i:09d}" for i in range(500_000)], dtype="str"),
+                          "quantity": pd.array(range(500_000), dtype="Int64"),
+                          "order_ts": pd.date_range("2025-01-01", periods=500_000, freq="s", tz="UTC")})
+    assert arrow_mb() - before > 5  # the text column lives in Arrow memory
+    sliced, empty, types = frame.iloc[:0].copy(), without_rows(frame), frame.dtypes.to_dict()
+    del frame
+    assert arrow_mb() - before > 5  # an empty slice, even copied, still holds the column's buffers
+    del sliced
+    assert arrow_mb() - before < 1
+    assert empty.empty and empty.dtypes.to_dict() == types
