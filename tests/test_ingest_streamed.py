@@ -124,8 +124,11 @@ def test_a_night_with_no_new_file_or_an_empty_one_is_streamed_alike(tmp_path, si
     raw = RunStore(tmp_path / "yesterday", date(2025, 1, 2)).write_frame("raw", "order_lines", yesterday)
     for as_of in (date(2025, 1, 2), date(2025, 1, 3)):  # the same files again; then an empty day
         old = _old(mapping, landing, as_of, History(yesterday, record["files"], None, counts["exact_duplicate_rows"]))
-        _same(old, _new(tmp_path / str(as_of), mapping, landing, as_of,
-                        History(None, record["files"], None, counts["exact_duplicate_rows"], raw)))
+        assert old[2]["mode"] == "incremental" and len(old[0]) == len(yesterday)  # last night's rows, none added
+        new = _new(tmp_path / str(as_of), mapping, landing, as_of,
+                   History(None, record["files"], None, counts["exact_duplicate_rows"], raw))
+        _same(old, new)
+        assert new[3].rows == len(yesterday)
 
 
 def test_a_new_column_is_read_incrementally_and_stops_a_full_read_in_both(tmp_path, sizes):
