@@ -581,8 +581,8 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
             partitions = partition_count_for(rows)
             batch_rows = get_settings().lines_per_partition
             parameters = {**suite_parameters(run.as_of, options.earliest_date), **referential_parameters(outcomes)}
-            written, results[entity] = _validate_lines(store, lines, mapping.source(entity), parameters, outcomes,
-                                                       options, personal, key, batch_rows, partitions)
+            written, results[entity] = _validate_lines(store, lines, rows, mapping.source(entity), parameters,
+                                                       outcomes, options, personal, key, batch_rows, partitions)
             artifacts.update(written)
         else:
             outcome = publishable(outcomes[entity], mapping.source(entity), key)
@@ -597,15 +597,17 @@ def validate(run: RunSpec, ingested: StageResult, options: ValidationOptions, ma
                        report_section=quality_section(metrics))
 
 
-def _validate_lines(store: RunStore, ingested: ArtifactRef, source: EntitySource, parameters: dict[str, Any],
+def _validate_lines(store: RunStore, ingested: ArtifactRef, rows: int, source: EntitySource,
+                    parameters: dict[str, Any],
                     upstream: dict[str, ValidationOutcome], options: ValidationOptions, personal: Collection[str],
                     key: bytes, batch_rows: int, partitions: int) -> tuple[dict[str, ArtifactRef], EntitySummary]:
-    """Validate the ingested order lines ``batch_rows`` rows at a time (:class:`BatchedValidation`) and write each
-    batch as it comes: its valid lines appended to their parts of ``partitions`` customer parts, its quarantined
+    """Validate the ingested order lines (``rows`` of them) ``batch_rows`` rows at a time
+    (:class:`BatchedValidation`) and write each batch as it comes: its valid lines appended to their parts of
+    ``partitions`` customer parts, its quarantined
     lines to the quarantine table. The tables hold the rows the whole-table validation would write, in input
     order (each part: the input order filtered to the part). A basket export is validated in one batch."""
     shared = source.format == "baskets"  # a basket's items share their line, counted once over all rows
-    batched = BatchedValidation(load_suite("order_lines"), parameters, store.table_rows(ingested),
+    batched = BatchedValidation(load_suite("order_lines"), parameters, rows,
                                 engine=options.engine, cross_check_rows=options.cross_check_rows, personal=personal,
                                 upstream=upstream, shared_lines=shared)
     with (store.partitioned_writer("validated", "order_lines", partitions=partitions) as valid_parts,

@@ -94,8 +94,8 @@ def batched(store: RunStore, frames: dict[str, pd.DataFrame], options: Validatio
                             personal)
     ingested = store.write_frame("raw", "order_lines", frames["order_lines"])
     parameters = {**suite_parameters(as_of, options.earliest_date), **referential_parameters(upstream)}
-    written, summary = _validate_lines(store, ingested, MAPPING.source("order_lines"), parameters, upstream,
-                                       options, personal, KEY, batch_rows, partitions)
+    written, summary = _validate_lines(store, ingested, ingested.rows, MAPPING.source("order_lines"), parameters,
+                                       upstream, options, personal, KEY, batch_rows, partitions)
     return written["order_lines"], written["quarantine_order_lines"], {**upstream, "order_lines": summary}
 
 
